@@ -1,0 +1,448 @@
+"""Faust wiring: topics, tables and agents around the pure steps of ``streams.steps``.
+
+Flow (all input and internal topics have the same partition count, so that a
+contact's enrollments, sends and forwarded outcomes land on one partition and
+one worker; tables are written to the changelog partition of the event that
+changed them):
+
+    automations ──► automations agent ──► fan-out (definition, lifecycle) ─┐
+    enrollments, sends, internal.to-contacts ──► contacts agent ◄──────────┘
+        table enrollments (automation_id␟contact_id), parked, resume-index, automation-replicas
+        ──► status-changes, internal.to-messages (send registrations), ClickHouse rows
+    provider-events, internal.to-messages ──► messages agent
+        table messages (message_id)
+        ──► status-changes, internal.to-contacts (outcomes), ClickHouse rows
+
+Every agent consumes in batches (``take_events``): parse, apply, write each
+changed key once, send outputs, write rows and wait for ClickHouse; only then
+does the batch end and Faust acknowledge (and later commit) its offsets. So a
+crash replays at most the uncommitted batches, and replays are idempotent
+(facts merge; rows are ReplacingMergeTree with stable keys and versions).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import faust
+import orjson
+from faust.streams import _current_event
+
+from agents.sink import BatchWriter
+from schemas.parser import Rejection, parse_event
+from schemas.topics import topic_names
+from sendtrail.metrics import Metrics
+from sendtrail.settings import Settings
+from streams import rows as rowlib
+from streams import steps
+from streams.engine import enrollment
+
+log = logging.getLogger(__name__)
+
+SEP = "\x1f"
+INPUT_KIND = {  # contract topic name -> role
+    "enrollments": "contact",
+    "sends": "contact",
+    "internal.to-contacts": "contact-internal",
+    "provider-events": "message",
+    "internal.to-messages": "message-internal",
+    "automations": "automation",
+}
+
+
+def _set_current(event: Any) -> None:
+    """Table writes go to the changelog partition of the current event: make it this one."""
+    _current_event.set(weakref.ref(event))
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def iter_partition(table: Any, partition: int, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+    """Keys and raw values of one partition of a RocksDB-backed table, optionally by key prefix."""
+    store = table.data
+    db = store._db_for_partition(partition)
+    offset_key = getattr(store, "offset_key", None)
+    items = db.items(from_key=prefix) if prefix else db.items()
+    for key, value in items:
+        if prefix and not key.startswith(prefix):
+            break
+        if key == offset_key or value is None:
+            continue
+        yield key, value
+
+
+@dataclass
+class Batch:
+    """What one batch of one agent produces, sent and written when the batch ends."""
+
+    sends: list = field(default_factory=list)
+    rows: dict = field(default_factory=dict)
+
+
+class Pipeline:
+    """The worker's streaming half: one Faust app, its tables and agents, and the ClickHouse sink."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, sink: BatchWriter) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.sink = sink
+        names = topic_names(settings.topic_prefix)
+        self.topic_names = names
+        self.kind_of_topic = {full: INPUT_KIND.get(name) for name, full in names.items()}
+        self.contract_name = {full: name for name, full in names.items()}
+        brokers = [f"kafka://{s.strip()}" for s in settings.kafka.split(",")]
+        self.app = faust.App(
+            f"{settings.topic_prefix}{settings.consumer_group}",
+            broker=brokers,
+            store="rocksdb://",
+            datadir=str(settings.data_dir / "state"),
+            web_enabled=False,
+            topic_partitions=settings.partitions,
+            topic_replication_factor=settings.replication_factor,
+            key_serializer="raw",
+            value_serializer="raw",
+            consumer_auto_offset_reset="earliest",
+            table_standby_replicas=0,
+            broker_commit_every=100_000,
+            broker_commit_interval=1.0,
+            stream_buffer_maxsize=max(4096, settings.batch_size * 2),
+            producer_acks=-1,
+            producer_linger_ms=5,
+            topic_disable_leader=True,
+        )
+        app = self.app
+        parts = settings.partitions
+
+        def topic(*contract: str, **kw: Any):
+            return app.topic(*(names[c] for c in contract), key_type=bytes, value_type=bytes,
+                             partitions=parts, **kw)
+
+        self.contacts_in = topic("enrollments", "sends", "internal.to-contacts")
+        self.messages_in = topic("provider-events", "internal.to-messages")
+        self.automations_in = topic("automations")
+        self.to_contacts = topic("internal.to-contacts")
+        self.to_messages = topic("internal.to-messages")
+        self.status_out = topic("status-changes")
+        self.dead_out = topic("dead-letters")
+
+        def table(name: str):
+            return app.Table(name, default=None, key_type=bytes, value_type=bytes, partitions=parts)
+
+        self.enrollments = table("enrollments")
+        self.parked = table("parked")
+        self.resume_index = table("resume-index")
+        self.replicas = table("automation-replicas")
+        self.messages = table("messages")
+        self.automations = table("automations")
+
+        app.agent(self.contacts_in, name="contacts")(self._contacts_agent)
+        app.agent(self.messages_in, name="messages")(self._messages_agent)
+        app.agent(self.automations_in, name="automations")(self._automations_agent)
+        app.timer(settings.resume_check_seconds)(self._resume_timer)
+
+    # ---- agents -------------------------------------------------------------------------------
+
+    async def _contacts_agent(self, stream) -> None:
+        async for batch in stream.take_events(self.settings.batch_size, self.settings.batch_seconds):
+            await self.process_contacts(batch)
+
+    async def _messages_agent(self, stream) -> None:
+        async for batch in stream.take_events(self.settings.batch_size, self.settings.batch_seconds):
+            await self.process_messages(batch)
+
+    async def _automations_agent(self, stream) -> None:
+        async for batch in stream.take_events(self.settings.batch_size, self.settings.batch_seconds):
+            await self.process_automations(batch)
+
+    async def _resume_timer(self) -> None:
+        """Ask every partition this worker owns to auto-resume holds whose date has passed."""
+        now_ms = int(time.time() * 1000)
+        assigned = self.app.assignor.assigned_actives()
+        target = self.topic_names["internal.to-contacts"]
+        for tp in assigned:
+            if tp.topic == target:
+                await self.to_contacts.send(key=b"tick", value=_dumps({"type": "tick", "now_ms": now_ms}),
+                                            partition=tp.partition)
+
+    # ---- shared helpers -------------------------------------------------------------------------
+
+    def _parse(self, ctx: "Batch", event: Any, contract_topic: str) -> dict | None:
+        parsed = parse_event(event.value, topic=contract_topic, max_bytes=self.settings.max_event_bytes)
+        if isinstance(parsed, Rejection):
+            self._dead_letter(ctx, event, contract_topic, parsed)
+            return None
+        self.metrics.consumed(contract_topic, parsed["type"])
+        return parsed
+
+    def _dead_letter(self, ctx: "Batch", event: Any, contract_topic: str, rejection: Rejection) -> None:
+        msg = event.message
+        raw: bytes = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
+        doc = {
+            "reason": rejection.reason,
+            "detail": rejection.detail,
+            "field": rejection.field,
+            "topic": contract_topic,
+            "partition": msg.partition,
+            "offset": msg.offset,
+            "original_base64": base64.b64encode(raw).decode(),
+        }
+        try:
+            doc["original_text"] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        ctx.sends.append((self.dead_out, msg.key, _dumps(doc), None))
+        self.metrics.rejected(contract_topic, rejection.reason)
+
+    def _queue_output(self, ctx: "Batch", out: steps.Output) -> None:
+        for change in out.changes:
+            self.metrics.transition(change["kind"], change.get("from"), change["to"])
+            ctx.sends.append((self.status_out, (change.get("contact_id") or "").encode(),
+                              _dumps(_wire_change(dict(change))), None))
+        for reg in out.to_messages:
+            ctx.sends.append((self.to_messages, reg["message_id"].encode(), _dumps(reg), None))
+        for outcome in out.to_contacts:
+            ctx.sends.append((self.to_contacts, outcome["contact_id"].encode(), _dumps(outcome), None))
+        for table_name, table_rows in out.rows.items():
+            ctx.rows.setdefault(table_name, []).extend(table_rows)
+
+    async def _finish_batch(self, ctx: "Batch", batch: list[Any]) -> None:
+        """Send queued messages, write rows and wait for ClickHouse; the batch is acked after this."""
+        for topic, key, value, partition in ctx.sends:
+            await topic.send(key=key, value=value, partition=partition)
+        pending_rows = ctx.rows
+        if pending_rows:
+            first = batch[0].message
+            last = batch[-1].message
+            token = f"{first.topic}:{first.partition}:{first.offset}-{last.topic}:{last.partition}:{last.offset}"
+            for table_name, table_rows in pending_rows.items():
+                await self.sink.write(table_name, table_rows, f"{token}:{table_name}")
+            await self.sink.flush()
+        now = time.time()
+        for ev in batch:
+            ts = ev.message.timestamp
+            if ts:
+                self.metrics.latency(max(0.0, now - ts))
+        self.metrics.processed(len(batch), now)
+
+    # ---- contacts -------------------------------------------------------------------------------
+
+    def _replica(self, automation_id: str, cache: dict) -> dict | None:
+        if automation_id in cache:
+            return cache[automation_id]
+        raw = self.replicas.get(automation_id.encode())
+        value = orjson.loads(raw) if raw else None
+        cache[automation_id] = value
+        return value
+
+    async def process_contacts(self, batch: list[Any]) -> None:
+        ctx = Batch()
+        dirty: dict[bytes, tuple[Any, Any, dict | None, list | None, bool, bool]] = {}
+        states: dict[bytes, dict | None] = {}
+        parked: dict[bytes, list | None] = {}
+        replicas: dict[str, dict | None] = {}
+
+        def load(key: bytes) -> tuple[dict | None, list | None]:
+            if key not in states:
+                raw = self.enrollments.get(key)
+                states[key] = orjson.loads(raw) if raw else None
+                rawp = self.parked.get(key)
+                parked[key] = orjson.loads(rawp) if rawp else None
+            return states[key], parked[key]
+
+        def store(event: Any, key: bytes, res: steps.ContactResult) -> None:
+            states[key] = res.state
+            parked[key] = res.parked
+            old = dirty.get(key)
+            s_dirty = res.state_changed or (old[4] if old else False)
+            p_dirty = res.parked_changed or (old[5] if old else False)
+            dirty[key] = (event, None, res.state, res.parked, s_dirty, p_dirty)
+            self._queue_output(ctx, res.output)
+
+        for event in batch:
+            _set_current(event)
+            msg = event.message
+            contract = self.contract_name[msg.topic]
+            if contract == "internal.to-contacts":
+                internal = orjson.loads(event.value)
+                kind = internal["type"]
+                if kind == "tick":
+                    await self._flush_dirty(dirty)
+                    self._tick_partition(event, internal["now_ms"], replicas, states, parked, store, load)
+                    continue
+                if kind.startswith("automation."):
+                    await self._flush_dirty(dirty)
+                    self._fan_out(event, internal, replicas, states, parked, store, load)
+                    continue
+                ev = internal
+            else:
+                ev = self._parse(ctx, event, contract)
+                if ev is None:
+                    continue
+            key = f"{ev['automation_id']}{SEP}{ev['contact_id']}".encode()
+            state, park = load(key)
+            automation = self._replica(ev["automation_id"], replicas)
+            defn = automation["defn"] if automation else None
+            res = steps.contact_step(state, park, ev, defn, msg.partition, msg.offset)
+            store(event, key, res)
+        await self._flush_dirty(dirty)
+        await self._finish_batch(ctx, batch)
+
+    async def _flush_dirty(self, dirty: dict) -> None:
+        for key, (event, _, state, park, s_dirty, p_dirty) in dirty.items():
+            _set_current(event)
+            if s_dirty:
+                if state is None:
+                    self.enrollments.pop(key, None)
+                else:
+                    self.enrollments[key] = _dumps(state)
+                    self._update_resume_index(key, state)
+            if p_dirty:
+                if park:
+                    self.parked[key] = _dumps(park)
+                else:
+                    self.parked.pop(key, None)
+        dirty.clear()
+
+    def _update_resume_index(self, key: bytes, state: dict) -> None:
+        due = enrollment.next_resume_at(state)
+        current = self.resume_index.get(key)
+        if due is None:
+            if current is not None:
+                self.resume_index.pop(key, None)
+        else:
+            value = str(due).encode()
+            if current != value:
+                self.resume_index[key] = value
+
+    def _fan_out(self, event: Any, internal: dict, replicas: dict, states: dict, parked: dict,
+                 store: Any, load: Any) -> None:
+        """An automation's definition or lifecycle reached this partition: apply it to its keys."""
+        partition = event.message.partition
+        aid = internal["automation_id"]
+        replica = internal["replica"]
+        self.replicas[aid.encode()] = _dumps(replica)
+        replicas[aid] = replica
+        defn = replica["defn"]
+        prefix = f"{aid}{SEP}".encode()
+        if internal["type"] == "automation.published":
+            for key, _ in list(iter_partition(self.parked, partition, prefix)):
+                state, park = load(key)
+                if park:
+                    store(event, key, steps.contact_unpark(state, park, defn))
+            return
+        lifecycle = internal["event"]
+        for key, _ in list(iter_partition(self.enrollments, partition, prefix)):
+            state, park = load(key)
+            if state is None:
+                continue
+            res = steps.contact_step(state, park, lifecycle, defn, partition, event.message.offset)
+            store(event, key, res)
+
+    def _tick_partition(self, event: Any, now_ms: int, replicas: dict, states: dict, parked: dict,
+                        store: Any, load: Any) -> None:
+        partition = event.message.partition
+        for key, raw_due in list(iter_partition(self.resume_index, partition)):
+            if int(raw_due) > now_ms:
+                continue
+            state, park = load(key)
+            if state is None:
+                continue
+            aid = key.split(SEP.encode(), 1)[0].decode()
+            replica = self._replica(aid, replicas)
+            res = steps.contact_tick(state, replica["defn"] if replica else None, now_ms)
+            store(event, key, res)
+
+    # ---- messages -------------------------------------------------------------------------------
+
+    async def process_messages(self, batch: list[Any]) -> None:
+        ctx = Batch()
+        states: dict[bytes, dict | None] = {}
+        dirty: dict[bytes, Any] = {}
+        for event in batch:
+            msg = event.message
+            contract = self.contract_name[msg.topic]
+            if contract == "internal.to-messages":
+                ev = orjson.loads(event.value)
+            else:
+                ev = self._parse(ctx, event, contract)
+                if ev is None:
+                    continue
+            key = ev["message_id"].encode()
+            if key not in states:
+                raw = self.messages.get(key)
+                states[key] = orjson.loads(raw) if raw else None
+            res = steps.message_step(states[key], ev, msg.partition, msg.offset)
+            states[key] = res.state
+            if res.changed:
+                dirty[key] = event
+            self._queue_output(ctx, res.output)
+        for key, event in dirty.items():
+            _set_current(event)
+            self.messages[key] = _dumps(states[key])
+        await self._finish_batch(ctx, batch)
+
+    # ---- automations ----------------------------------------------------------------------------
+
+    async def process_automations(self, batch: list[Any]) -> None:
+        ctx = Batch()
+        for event in batch:
+            _set_current(event)
+            ev = self._parse(ctx, event, "automations")
+            if ev is None:
+                continue
+            aid = ev["automation_id"]
+            raw = self.automations.get(aid.encode())
+            current = orjson.loads(raw) if raw else None
+            replica = apply_automation_event(current, ev)
+            if replica is None or replica == current:
+                continue
+            self.automations[aid.encode()] = _dumps(replica)
+            if replica.get("defn") is None:
+                continue  # lifecycle before the definition: kept, sent along once it arrives
+            ctx.rows.setdefault("automations", []).append(
+                rowlib.automation_row(replica["defn"], replica["status"], replica["updated_at"], replica["version"]))
+            first_definition = current is None or current.get("defn") is None
+            fan_type = "automation.published" if first_definition else ev["type"]
+            message = {"type": fan_type, "automation_id": aid, "replica": replica, "event": {
+                "event_id": ev["event_id"], "type": ev["type"], "occurred_at": ev["occurred_at"],
+                "automation_id": aid}}
+            for partition in range(self.settings.partitions):
+                ctx.sends.append((self.to_contacts, aid.encode(), _dumps(message), partition))
+        await self._finish_batch(ctx, batch)
+
+
+def apply_automation_event(current: dict | None, ev: dict) -> dict | None:
+    """Fold an ``automation.*`` event into the automation's replica (definition + lifecycle)."""
+    replica = dict(current) if current else {"defn": None, "status": "active", "updated_at": 0, "version": 0,
+                                              "lifecycle_at": 0}
+    kind = ev["type"]
+    at = ev["occurred_at"]
+    if kind == "automation.published":
+        old = replica.get("defn")
+        if old is not None and (old.get("version", 0), old.get("occurred_at", 0)) >= (ev.get("version", 0), at):
+            return current
+        replica["defn"] = ev
+    else:
+        status = {"automation.paused": "paused", "automation.resumed": "active",
+                  "automation.archived": "archived"}[kind]
+        if replica.get("status") == "archived" or at < replica.get("lifecycle_at", 0):
+            return current
+        replica["status"] = status
+        replica["lifecycle_at"] = at
+    replica["updated_at"] = max(replica.get("updated_at", 0), at)
+    replica["version"] = replica.get("version", 0) + 1
+    return replica
+
+
+def _wire_change(change: dict) -> dict:
+    from schemas.parser import to_rfc3339
+
+    change["occurred_at"] = to_rfc3339(change["occurred_at"])
+    return change

@@ -1,0 +1,704 @@
+"""Enrollment machine: one state per (automation_id, contact_id), facts merged, status derived.
+
+Implements docs/semantics.md ("Enrollment" and "Node states"). Pure: no I/O, no
+clock; time comes from events and from an explicit ``now_ms``.
+
+State layout (plain JSON-serializable dicts and lists; int keys stored as str)::
+
+    {"automation_id", "contact_id",
+     "runs": [run, ...],          # oldest first, run["run"] == its position
+     "ignored": [event_id, ...],  # ignored enrollments (<= 1000)
+     "orphans": [outcome, ...],   # outcomes for runs that do not exist yet (<= 1000)
+     "now": ms,                   # monotone max of event times and given now_ms
+     "version": int}
+
+    run = {"run": n,
+           "enrolled": None | {"event_id", "at", "user_id", "name", "email", "company", "attributes"},
+           "needs_enrichment": bool,
+           "enriched_at": None | ms,                              # earliest
+           "terminal": None | [at, event_id, status, reason, step_index, event_type],   # earliest
+           "hold": None | [at, event_id, status, reason, resume_at],                  # latest
+           "resumed": None | [at, event_id],                                          # latest
+           "limit": None | [at, event_id, kind],                                      # latest
+           "started_at": None | ms,                               # earliest
+           "done": {"k": ms},                                     # per step index earliest
+           "max_done": int (-1 when nothing is done),
+           "sends": {message_id: [step_index, at, event_id]},     # union (earliest per id)
+           "settled": {message_id: 1},                            # union
+           "d": None | [status, reason, {"k": node_state}]}       # derivation last emitted
+
+Auto-resume (out-of-office) is *derived*: a hold whose ``resume_at <= now`` is
+not active. ``now`` only grows, so this is order-independent (see the module
+report / DECISIONS below).
+"""
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass
+
+from .common import ENDED, WAITING, later, make_change, max_opt
+
+__all__ = ["Result", "apply", "tick", "next_resume_at", "view", "key_of", "AUTO_RESUME_TYPE"]
+
+AUTO_RESUME_TYPE = "contact.auto_resumed"
+IGNORED_CAP = 1000
+ORPHAN_CAP = 1000
+
+
+@dataclass(slots=True)
+class Result:
+    state: dict
+    changed: bool
+    changes: list
+    registrations: list
+
+
+def key_of(event: dict) -> str:
+    return f"{event['automation_id']}\x1f{event['contact_id']}"
+
+
+# --------------------------------------------------------------------------- automation steps
+
+_steps_cache: dict = {}
+
+
+def _steps(automation):
+    """(sorted step indices, last index) of an automation, or None when it is unknown."""
+    if automation is None:
+        return None
+    key = id(automation)
+    hit = _steps_cache.get(key)
+    if hit is not None and hit[0] is automation:
+        return hit[1]
+    idx = sorted({int(s["index"]) for s in (automation.get("steps") or ())})
+    info = (idx, idx[-1] if idx else None)
+    if len(_steps_cache) > 512:
+        _steps_cache.clear()
+    _steps_cache[key] = (automation, info)
+    return info
+
+
+# --------------------------------------------------------------------------- state construction
+
+def _new_state(event: dict) -> dict:
+    return {
+        "automation_id": event.get("automation_id"),
+        "contact_id": event.get("contact_id"),
+        "runs": [],
+        "ignored": [],
+        "orphans": [],
+        "now": 0,
+        "version": 0,
+    }
+
+
+def _blank_run(n: int) -> dict:
+    return {
+        "run": n,
+        "enrolled": None,
+        "needs_enrichment": False,
+        "enriched_at": None,
+        "terminal": None,
+        "hold": None,
+        "resumed": None,
+        "limit": None,
+        "started_at": None,
+        "done": {},
+        "max_done": -1,
+        "sends": {},
+        "settled": {},
+        "d": None,
+    }
+
+
+def _add_run(state: dict) -> dict:
+    runs = state["runs"]
+    run = _blank_run(len(runs))
+    runs.append(run)
+    orphans = state["orphans"]
+    if orphans:
+        keep = []
+        n = run["run"]
+        for ev in orphans:
+            if ev.get("run") == n:
+                _merge_outcome(run, ev)
+            else:
+                keep.append(ev)
+        state["orphans"] = keep
+    return run
+
+
+def _latest(state: dict) -> dict:
+    runs = state["runs"]
+    if runs:
+        return runs[-1]
+    return _add_run(state)
+
+
+# --------------------------------------------------------------------------- fact merges (each returns True if it changed)
+
+def _set_terminal(run, at, eid, status, reason, step_index, etype) -> bool:
+    cur = run["terminal"]
+    if cur is None or at < cur[0] or (at == cur[0] and eid < cur[1]):
+        run["terminal"] = [at, eid, status, reason, step_index, etype]
+        return True
+    return False
+
+
+def _set_hold(run, at, eid, status, reason, resume_at) -> bool:
+    cur = run["hold"]
+    if cur is None or at > cur[0] or (at == cur[0] and eid > cur[1]):
+        run["hold"] = [at, eid, status, reason, resume_at]
+        return True
+    return False
+
+
+def _set_resumed(run, at, eid) -> bool:
+    cur = run["resumed"]
+    if cur is None or at > cur[0] or (at == cur[0] and eid > cur[1]):
+        run["resumed"] = [at, eid]
+        return True
+    return False
+
+
+def _set_limit(run, at, eid, kind) -> bool:
+    cur = run["limit"]
+    if cur is None or at > cur[0] or (at == cur[0] and eid > cur[1]):
+        run["limit"] = [at, eid, kind]
+        return True
+    return False
+
+
+def _set_started(run, at) -> bool:
+    cur = run["started_at"]
+    if cur is None or at < cur:
+        run["started_at"] = at
+        return True
+    return False
+
+
+def _merge_outcome(run, ev) -> bool:
+    t = ev["type"]
+    at = ev["occurred_at"]
+    eid = ev["event_id"]
+    if t == "outcome.settled":
+        mid = ev.get("message_id")
+        settled = run["settled"]
+        if mid in settled:
+            return False
+        settled[mid] = 1
+        return True
+    if t == "outcome.bounced":
+        return _set_hold(run, at, eid, "bounced", ev.get("reason") or "hard_bounce", None)
+    if t == "outcome.auto_replied":
+        return _set_hold(run, at, eid, "paused", "out_of_office", ev.get("return_at"))
+    if t == "outcome.unsubscribed":
+        return _set_terminal(run, at, eid, "unsubscribed", "unsubscribed", ev.get("step_index"), t)
+    if t == "outcome.replied":
+        return _set_terminal(run, at, eid, "finished", "replied", ev.get("step_index"), t)
+    return False
+
+
+# --------------------------------------------------------------------------- derivation
+
+def _hold_active(h, resumed, now) -> bool:
+    if resumed is not None and not later(h, resumed):
+        return False
+    ra = h[4]
+    return ra is None or ra > now
+
+
+def _status(run, steps, now):
+    """(status, reason, source) of a run; source: t(erminal) h(old) c(ompleted) w l p r."""
+    t = run["terminal"]
+    if t is not None:
+        return t[2], t[3], "t"
+    h = run["hold"]
+    if h is not None and _hold_active(h, run["resumed"], now):
+        return h[2], h[3], "h"
+    if steps is not None and steps[1] is not None and run["max_done"] >= steps[1] and str(steps[1]) in run["done"]:
+        return "finished", "completed", "c"
+    if run["needs_enrichment"] and run["enriched_at"] is None:
+        return "waiting_enrichment", None, "w"
+    lim = run["limit"]
+    if lim is not None and lim[2] is not None:
+        return ("coworkers_limit" if lim[2] == "coworkers" else "active_limit"), None, "l"
+    if run["started_at"] is not None:
+        return "in_progress", None, "p"
+    return "ready", None, "r"
+
+
+def _current(run, steps):
+    """Index of the node the run stands at, or None (no steps left / filtered / none known)."""
+    t = run["terminal"]
+    if t is not None and t[5] == "step.filtered":
+        return None
+    m = run["max_done"]
+    if steps is None:
+        return m + 1
+    idx = steps[0]
+    pos = bisect_right(idx, m)
+    return idx[pos] if pos < len(idx) else None
+
+
+def _nodes(run, steps, status) -> dict:
+    nodes = dict.fromkeys(run["done"], "done")
+    t = run["terminal"]
+    if t is not None and t[5] == "step.filtered":
+        if t[4] is not None:
+            nodes[str(t[4])] = "filtered"
+        return nodes
+    c = _current(run, steps)
+    if c is not None:
+        nodes[str(c)] = "waiting" if status in WAITING else "stopped"
+    return nodes
+
+
+def _refresh(state, run, steps, now, ctx, out) -> bool:
+    """Re-derive a run; append the changes against the last emitted derivation. True if it differs."""
+    status, reason, _src = _status(run, steps, now)
+    nodes = _nodes(run, steps, status)
+    old = run["d"]
+    if old is None:
+        ostatus = oreason = None
+        onodes = {}
+    else:
+        ostatus, oreason, onodes = old
+        if ostatus == status and oreason == reason and onodes == nodes:
+            return False
+    run["d"] = [status, reason, nodes]
+    eid, etype, at = ctx
+    aid = state["automation_id"]
+    cid = state["contact_id"]
+    rn = run["run"]
+    if ostatus != status or oreason != reason:
+        out.append(make_change("contact_status", aid, cid, rn, None, None, ostatus, status, reason, eid, etype, at))
+    if onodes != nodes:
+        keys = set(onodes)
+        keys.update(nodes)
+        for k in sorted(keys, key=int):
+            a = onodes.get(k)
+            b = nodes.get(k)
+            if a != b:
+                to = "none" if b is None else b
+                out.append(make_change("node_state", aid, cid, rn, int(k), None, a, to,
+                                       reason if to in ("stopped", "filtered") else None, eid, etype, at))
+    return True
+
+
+# --------------------------------------------------------------------------- event handlers
+# Each returns (facts_changed, runs_touched).
+
+_NONE = ()
+
+
+def _h_enrolled(state, ev, automation, steps, now, regs):
+    eid = ev["event_id"]
+    runs = state["runs"]
+    for r in runs:
+        e = r["enrolled"]
+        if e is not None and e["event_id"] == eid:
+            return False, _NONE
+    ignored = state["ignored"]
+    if eid in ignored:
+        return False, _NONE
+    if runs and runs[-1]["enrolled"] is None:
+        run = runs[-1]
+    elif not runs:
+        run = _add_run(state)
+    else:
+        latest = runs[-1]
+        status = _status(latest, steps, now)[0]
+        if status in ENDED and automation is not None and automation.get("participation") == "unlimited":
+            run = _add_run(state)
+        else:
+            if len(ignored) < IGNORED_CAP:
+                ignored.append(eid)
+                return True, _NONE
+            return False, _NONE
+    run["enrolled"] = {
+        "event_id": eid,
+        "at": ev["occurred_at"],
+        "user_id": ev.get("user_id"),
+        "name": ev.get("name"),
+        "email": ev.get("email"),
+        "company": ev.get("company"),
+        "attributes": ev.get("attributes") or {},
+    }
+    run["needs_enrichment"] = bool(ev.get("needs_enrichment"))
+    return True, (run,)
+
+
+def _h_enriched(state, ev, automation, steps, now, regs):
+    run = _latest(state)
+    at = ev["occurred_at"]
+    cur = run["enriched_at"]
+    if cur is None or at < cur:
+        run["enriched_at"] = at
+        return True, (run,)
+    return False, _NONE
+
+
+def _terminal_handler(status, fixed_reason, default_reason):
+    def handler(state, ev, automation, steps, now, regs):
+        run = _latest(state)
+        reason = fixed_reason or ev.get("reason") or default_reason
+        if _set_terminal(run, ev["occurred_at"], ev["event_id"], status, reason, None, ev["type"]):
+            return True, (run,)
+        return False, _NONE
+    return handler
+
+
+def _h_limit_reached(state, ev, automation, steps, now, regs):
+    run = _latest(state)
+    if _set_limit(run, ev["occurred_at"], ev["event_id"], ev.get("limit") or "active"):
+        return True, (run,)
+    return False, _NONE
+
+
+def _h_limit_released(state, ev, automation, steps, now, regs):
+    run = _latest(state)
+    if _set_limit(run, ev["occurred_at"], ev["event_id"], None):
+        return True, (run,)
+    return False, _NONE
+
+
+def _h_paused(state, ev, automation, steps, now, regs):
+    run = _latest(state)
+    if _set_hold(run, ev["occurred_at"], ev["event_id"], "paused", ev.get("reason") or "manual", ev.get("resume_at")):
+        return True, (run,)
+    return False, _NONE
+
+
+def _h_resumed(state, ev, automation, steps, now, regs):
+    run = _latest(state)
+    if _set_resumed(run, ev["occurred_at"], ev["event_id"]):
+        return True, (run,)
+    return False, _NONE
+
+
+def _h_scheduled(state, ev, automation, steps, now, regs):
+    run = _latest(state)
+    if _set_started(run, ev["occurred_at"]):
+        return True, (run,)
+    return False, _NONE
+
+
+def _h_sent(state, ev, automation, steps, now, regs):
+    run = _latest(state)
+    at = ev["occurred_at"]
+    eid = ev["event_id"]
+    k = int(ev["step_index"])
+    changed = _set_started(run, at)
+    done = run["done"]
+    sk = str(k)
+    cur = done.get(sk)
+    if cur is None or at < cur:
+        done[sk] = at
+        if k > run["max_done"]:
+            run["max_done"] = k
+        changed = True
+    mid = ev["message_id"]
+    sends = run["sends"]
+    s = sends.get(mid)
+    if s is None:
+        sends[mid] = [k, at, eid]
+        changed = True
+        aid = ev["automation_id"]
+        enrolled = run["enrolled"] or {}
+        regs.append({
+            "event_id": eid,
+            "type": "message.registered",
+            "occurred_at": at,
+            "schema_version": 1,
+            "message_id": mid,
+            "automation_id": aid,
+            "contact_id": ev["contact_id"],
+            "run": run["run"],
+            "step_index": k,
+            "mailing_id": ev.get("mailing_id") or f"{aid}:{k}",
+            "subject": ev.get("subject"),
+            "sending_user": ev.get("sending_user"),
+            "sending_email": ev.get("sending_email"),
+            "email": enrolled.get("email"),
+            "name": enrolled.get("name"),
+            "channel": ev.get("channel") or "email",
+        })
+    elif at < s[1] or (at == s[1] and eid < s[2]):
+        sends[mid] = [k, at, eid]
+        changed = True
+    return changed, ((run,) if changed else _NONE)
+
+
+def _h_filtered(state, ev, automation, steps, now, regs):
+    run = _latest(state)
+    at = ev["occurred_at"]
+    changed = _set_started(run, at)
+    k = ev.get("step_index")
+    if _set_terminal(run, at, ev["event_id"], "finished", "filtered", None if k is None else int(k), "step.filtered"):
+        changed = True
+    return changed, ((run,) if changed else _NONE)
+
+
+def _h_not_sent(state, ev, automation, steps, now, regs):
+    run = _latest(state)
+    at = ev["occurred_at"]
+    changed = _set_started(run, at)
+    if _set_hold(run, at, ev["event_id"], "not_sent", ev.get("reason") or "not_sent", None):
+        changed = True
+    return changed, ((run,) if changed else _NONE)
+
+
+def _h_step_failed(state, ev, automation, steps, now, regs):
+    run = _latest(state)
+    at = ev["occurred_at"]
+    changed = _set_started(run, at)
+    k = ev.get("step_index")
+    if _set_terminal(run, at, ev["event_id"], "failed", ev.get("reason") or "step_failed",
+                     None if k is None else int(k), "step.failed"):
+        changed = True
+    return changed, ((run,) if changed else _NONE)
+
+
+def _h_outcome(state, ev, automation, steps, now, regs):
+    runs = state["runs"]
+    n = ev.get("run")
+    if n is None:
+        run = runs[-1] if runs else None
+    else:
+        n = int(n)
+        run = runs[n] if 0 <= n < len(runs) else None
+    if run is None:
+        orphans = state["orphans"]
+        eid = ev["event_id"]
+        for o in orphans:
+            if o["event_id"] == eid:
+                return False, _NONE
+        if len(orphans) >= ORPHAN_CAP:
+            return False, _NONE
+        orphans.append({
+            "event_id": eid, "type": ev["type"], "occurred_at": ev["occurred_at"],
+            "run": n, "step_index": ev.get("step_index"), "message_id": ev.get("message_id"),
+            "reason": ev.get("reason"), "return_at": ev.get("return_at"),
+        })
+        return True, _NONE
+    if _merge_outcome(run, ev):
+        return True, (run,)
+    return False, _NONE
+
+
+def _open_runs(state, steps, now):
+    return [r for r in state["runs"] if _status(r, steps, now)[0] not in ENDED]
+
+
+def _h_automation_paused(state, ev, automation, steps, now, regs):
+    touched = []
+    for run in _open_runs(state, steps, now):
+        if _set_hold(run, ev["occurred_at"], ev["event_id"], "paused", "automation_paused", None):
+            touched.append(run)
+    return bool(touched), touched
+
+
+def _h_automation_resumed(state, ev, automation, steps, now, regs):
+    touched = []
+    for run in _open_runs(state, steps, now):
+        if _set_resumed(run, ev["occurred_at"], ev["event_id"]):
+            touched.append(run)
+    return bool(touched), touched
+
+
+def _h_automation_archived(state, ev, automation, steps, now, regs):
+    touched = []
+    for run in _open_runs(state, steps, now):
+        settled = run["settled"]
+        in_flight = any(mid not in settled for mid in run["sends"])
+        status = "failed" if in_flight else "canceled"
+        if _set_terminal(run, ev["occurred_at"], ev["event_id"], status, "automation_archived", None, ev["type"]):
+            touched.append(run)
+    return bool(touched), touched
+
+
+_HANDLERS = {
+    "contact.enrolled": _h_enrolled,
+    "contact.enriched": _h_enriched,
+    "contact.enrichment_failed": _terminal_handler("failed", None, "enrichment_failed"),
+    "contact.duplicate": _terminal_handler("duplicate", "duplicate", None),
+    "contact.finished": _terminal_handler("finished", None, "manual"),
+    "contact.canceled": _terminal_handler("canceled", None, "manual"),
+    "contact.failed": _terminal_handler("failed", None, "unknown"),
+    "contact.removed": _terminal_handler("canceled", "removed", None),
+    "contact.limit_reached": _h_limit_reached,
+    "contact.limit_released": _h_limit_released,
+    "contact.paused": _h_paused,
+    "contact.resumed": _h_resumed,
+    "step.scheduled": _h_scheduled,
+    "step.sent": _h_sent,
+    "step.filtered": _h_filtered,
+    "step.not_sent": _h_not_sent,
+    "step.failed": _h_step_failed,
+    "outcome.settled": _h_outcome,
+    "outcome.bounced": _h_outcome,
+    "outcome.unsubscribed": _h_outcome,
+    "outcome.replied": _h_outcome,
+    "outcome.auto_replied": _h_outcome,
+    "automation.paused": _h_automation_paused,
+    "automation.resumed": _h_automation_resumed,
+    "automation.archived": _h_automation_archived,
+}
+
+_FAN_OUT = frozenset({"automation.paused", "automation.resumed", "automation.archived"})
+
+
+# --------------------------------------------------------------------------- API
+
+def _auto_resume(state, steps, old_now, now, out, inclusive_all=False) -> bool:
+    changed = False
+    for run in state["runs"]:
+        h = run["hold"]
+        if h is None:
+            continue
+        ra = h[4]
+        if ra is not None and ra <= now and (inclusive_all or ra > old_now):
+            if _refresh(state, run, steps, now, ("auto:" + h[1], AUTO_RESUME_TYPE, ra), out):
+                changed = True
+    return changed
+
+
+def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int | None = None) -> Result:
+    etype = event["type"]
+    handler = _HANDLERS.get(etype)
+    if state is None:
+        state = _new_state(event)
+        if handler is None or etype in _FAN_OUT:
+            return Result(state, False, [], [])
+    elif handler is None:
+        return Result(state, False, [], [])
+    at = event["occurred_at"]
+    old_now = state["now"]
+    now = old_now
+    if at > now:
+        now = at
+    if now_ms is not None and now_ms > now:
+        now = now_ms
+    steps = _steps(automation)
+    changes: list = []
+    regs: list = []
+    changed = False
+    if now != old_now:
+        state["now"] = now
+        if state["runs"]:
+            changed = _auto_resume(state, steps, old_now, now, changes)
+    facts_changed, touched = handler(state, event, automation, steps, now, regs)
+    if facts_changed:
+        changed = True
+        ctx = (event["event_id"], etype, at)
+        for run in touched:
+            _refresh(state, run, steps, now, ctx, changes)
+    if changed:
+        state["version"] += 1
+    return Result(state, changed, changes, regs)
+
+
+def tick(state: dict, automation: dict | None, now_ms: int) -> Result:
+    """Wall-clock timer: auto-resume holds whose ``resume_at <= now_ms``."""
+    old_now = state["now"]
+    now = now_ms if now_ms > old_now else old_now
+    state["now"] = now
+    changes: list = []
+    changed = _auto_resume(state, _steps(automation), old_now, now, changes, inclusive_all=True)
+    if changed:
+        state["version"] += 1
+    return Result(state, changed, changes, [])
+
+
+def next_resume_at(state: dict) -> int | None:
+    """Earliest ``resume_at`` of an active hold (a run with no terminal fact), for a timer index."""
+    now = state["now"]
+    best = None
+    for run in state["runs"]:
+        h = run["hold"]
+        if h is None or h[4] is None or run["terminal"] is not None:
+            continue
+        if _hold_active(h, run["resumed"], now) and (best is None or h[4] < best):
+            best = h[4]
+    return best
+
+
+def _status_at(run, src, now):
+    t = run["terminal"]
+    if src == "t":
+        return t[0]
+    h = run["hold"]
+    if src == "h":
+        return h[0]
+    res = run["resumed"]
+    rel = res[0] if res is not None else None
+    if h is not None and h[4] is not None and h[4] <= now and (res is None or later(h, res)):
+        rel = max_opt(rel, h[4])
+    lim = run["limit"]
+    lim_at = lim[0] if lim is not None else None
+    enrolled = run["enrolled"]
+    enrolled_at = enrolled["at"] if enrolled is not None else None
+    if src == "c":
+        done = run["done"]
+        return max_opt(max(done.values()) if done else None, rel)
+    if src == "w":
+        return max_opt(enrolled_at, rel)
+    if src == "l":
+        return max_opt(lim_at, rel)
+    if src == "p":
+        return max_opt(run["started_at"], run["enriched_at"], lim_at, rel)
+    return max_opt(enrolled_at, run["enriched_at"], lim_at, rel)
+
+
+def view(state: dict, automation: dict | None) -> list[dict]:
+    """One dict per run (see the module docstring of the API in docs)."""
+    steps = _steps(automation)
+    now = state["now"]
+    out = []
+    ignored = len(state["ignored"])
+    for run in state["runs"]:
+        status, reason, src = _status(run, steps, now)
+        status_at = _status_at(run, src, now)
+        done = run["done"]
+        nodes = []
+        for k in sorted(done, key=int):
+            nodes.append({"step_index": int(k), "state": "done", "at": done[k]})
+        t = run["terminal"]
+        current = -1
+        if t is not None and t[5] == "step.filtered":
+            if t[4] is not None:
+                k = t[4]
+                nodes = [n for n in nodes if n["step_index"] != k]
+                nodes.append({"step_index": k, "state": "filtered", "at": t[0]})
+                nodes.sort(key=lambda n: n["step_index"])
+        else:
+            c = _current(run, steps)
+            if c is not None:
+                current = c
+                prev = done.get(str(run["max_done"])) if run["max_done"] >= 0 else None
+                nodes.append({
+                    "step_index": c,
+                    "state": "waiting" if status in WAITING else "stopped",
+                    "at": max_opt(status_at, prev),
+                })
+        e = run["enrolled"] or {}
+        out.append({
+            "automation_id": state["automation_id"],
+            "contact_id": state["contact_id"],
+            "run": run["run"],
+            "status": status,
+            "reason": reason,
+            "status_at": status_at,
+            "current_step": current,
+            "nodes": nodes,
+            "enrolled_at": e.get("at"),
+            "user_id": e.get("user_id"),
+            "name": e.get("name"),
+            "email": e.get("email"),
+            "company": e.get("company"),
+            "attributes": e.get("attributes") or {},
+            "ignored_enrollments": ignored,
+            "version": state["version"],
+        })
+    return out

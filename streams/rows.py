@@ -1,0 +1,205 @@
+"""Build ClickHouse rows (plain dicts keyed by column name) from events and engine views.
+
+Pure: values in, values out. Times stay integer milliseconds here; the sink
+converts them to DateTime64 at the edge. Every row carries the fields its
+ReplacingMergeTree table needs to stay idempotent: a stable unique key and a
+``_version`` that only grows for the same key.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value if value is not None else {}).decode()
+
+
+def recipient_id(automation_id: str, message_id: str) -> str:
+    """Stable id of a recipient row: the same send always gets the same id."""
+    return hashlib.blake2b(f"{automation_id}\x1f{message_id}".encode(), digest_size=8).hexdigest()
+
+
+def automation_row(defn: dict, status: str, updated_at: int, version: int) -> dict:
+    return {
+        "automation_id": defn["automation_id"],
+        "name": defn.get("name") or "",
+        "description": defn.get("description"),
+        "participation": defn.get("participation") or "once",
+        "start_at": defn.get("start_at") or 0,
+        "end_at": defn.get("end_at"),
+        "published_by": defn.get("published_by") or "",
+        "version": int(defn.get("version") or 0),
+        "steps": orjson.dumps(
+            [{"index": s["index"], "name": s.get("name"), "kind": s.get("kind"), "day": s.get("day")}
+             for s in sorted(defn.get("steps") or [], key=lambda s: s["index"])]
+        ).decode(),
+        "status": status,
+        "updated_at": updated_at,
+        "_version": version,
+    }
+
+
+def contact_row(enrolled: dict) -> dict:
+    """From a parsed ``contact.enrolled``; the latest enrollment's details win (version = its time)."""
+    return {
+        "contact_id": enrolled["contact_id"],
+        "user_id": enrolled.get("user_id") or "",
+        "name": enrolled.get("name") or "",
+        "email": enrolled.get("email") or "",
+        "company": enrolled.get("company"),
+        "attributes": _json(enrolled.get("attributes")),
+        "updated_at": enrolled["occurred_at"],
+        "_version": enrolled["occurred_at"],
+    }
+
+
+def recipient_row(sent: dict, run_view: dict, partition: int, offset: int) -> dict:
+    """One recipient row per ``step.sent`` (the recipients page of the seed article)."""
+    return {
+        "recipient_id": recipient_id(sent["automation_id"], sent["message_id"]),
+        "automation_id": sent["automation_id"],
+        "run": run_view["run"],
+        "contact_id": sent["contact_id"],
+        "user_id": run_view.get("user_id") or "",
+        "user_name": run_view.get("name") or "",
+        "email": run_view.get("email") or "",
+        "step_index": sent["step_index"],
+        "step_details": _json(sent.get("step_details")),
+        "message_id": sent["message_id"],
+        "channel": sent.get("channel") or "email",
+        "mailing_id": sent.get("mailing_id") or f"{sent['automation_id']}:{sent['step_index']}",
+        "sent_time": sent["occurred_at"],
+        "metadata": _json(sent.get("metadata")),
+        "_partition": partition,
+        "_offset": offset,
+        "_version": 1,
+    }
+
+
+def enrollment_row(view: dict, updated_at: int) -> dict:
+    return {
+        "automation_id": view["automation_id"],
+        "contact_id": view["contact_id"],
+        "run": view["run"],
+        "status": view["status"],
+        "reason": view.get("reason"),
+        "current_step": view["current_step"],
+        "name": view.get("name") or "",
+        "email": view.get("email") or "",
+        "user_id": view.get("user_id") or "",
+        "enrolled_at": view.get("enrolled_at"),
+        "status_at": view.get("status_at") or updated_at,
+        "updated_at": updated_at,
+        "ignored_enrollments": view.get("ignored_enrollments") or 0,
+        "_version": view["version"],
+    }
+
+
+def node_rows(view: dict, previous_nodes: dict[int, str] | None) -> list[dict]:
+    """Node-state rows of one run; with ``previous_nodes`` only the nodes whose state changed.
+
+    A node the run no longer stands at (it moved on without the node being
+    done, which the engine does not produce, or the run was re-derived) is
+    written as ``none`` so that a latest-state read never counts it.
+    """
+    rows = []
+    current = {}
+    for node in view["nodes"]:
+        current[node["step_index"]] = node["state"]
+        if previous_nodes is not None and previous_nodes.get(node["step_index"]) == node["state"]:
+            continue
+        rows.append({
+            "automation_id": view["automation_id"],
+            "contact_id": view["contact_id"],
+            "run": view["run"],
+            "step_index": node["step_index"],
+            "state": node["state"],
+            "at": node.get("at") or 0,
+            "_version": view["version"],
+        })
+    for step_index, state in (previous_nodes or {}).items():
+        if step_index not in current:
+            rows.append({
+                "automation_id": view["automation_id"],
+                "contact_id": view["contact_id"],
+                "run": view["run"],
+                "step_index": step_index,
+                "state": "none",
+                "at": 0,
+                "_version": view["version"],
+            })
+    return rows
+
+
+MESSAGE_TIME_FIELDS = (
+    "status_at", "sent_at", "delivered_at", "deferred_at", "opened_at", "clicked_at", "bounced_at",
+    "dropped_at", "spam_reported_at", "unsubscribed_at", "resubscribed_at", "replied_at", "auto_replied_at",
+)
+
+
+def message_row(view: dict, updated_at: int) -> dict:
+    row = {
+        "message_id": view["message_id"],
+        "mailing_id": view.get("mailing_id") or "",
+        "automation_id": view.get("automation_id") or "",
+        "run": view.get("run") or 0,
+        "contact_id": view.get("contact_id") or "",
+        "step_index": view.get("step_index") or 0,
+        "subject": view.get("subject") or "",
+        "sending_user": view.get("sending_user") or "",
+        "sending_email": view.get("sending_email") or "",
+        "email": view.get("email") or "",
+        "name": view.get("name") or "",
+        "channel": view.get("channel") or "email",
+        "status": view["status"],
+        "bounce_class": view.get("bounce_class") or "",
+        "opens": view.get("opens") or 0,
+        "clicks": view.get("clicks") or 0,
+        "updated_at": updated_at,
+        "_version": view["version"],
+    }
+    for name in MESSAGE_TIME_FIELDS:
+        row[name] = view.get(name)
+    if row["status_at"] is None:
+        row["status_at"] = updated_at
+    return row
+
+
+def message_event_row(ev: dict, partition: int, offset: int) -> dict:
+    return {
+        "event_id": ev["event_id"],
+        "message_id": ev["message_id"],
+        "type": ev["type"],
+        "occurred_at": ev["occurred_at"],
+        "email": ev.get("email") or "",
+        "provider": ev.get("provider") or "",
+        "automation_id": ev.get("automation_id") or "",
+        "contact_id": ev.get("contact_id") or "",
+        "step_index": ev.get("step_index"),
+        "bounce_class": ev.get("bounce_class") or "",
+        "reason": ev.get("reason") or "",
+        "url": ev.get("url") or "",
+        "_partition": partition,
+        "_offset": offset,
+    }
+
+
+def status_change_row(change: dict) -> dict:
+    return {
+        "change_id": change["change_id"],
+        "kind": change["kind"],
+        "automation_id": change.get("automation_id") or "",
+        "contact_id": change.get("contact_id") or "",
+        "run": change.get("run") or 0,
+        "step_index": change.get("step_index"),
+        "message_id": change.get("message_id"),
+        "from_status": change.get("from"),
+        "to_status": change["to"],
+        "reason": change.get("reason"),
+        "event_id": change["event_id"],
+        "event_type": change["event_type"],
+        "occurred_at": change["occurred_at"],
+    }

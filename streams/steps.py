@@ -1,0 +1,165 @@
+"""What one event does: state in, state and outputs out (pure; the agents only store and send).
+
+The contact step owns the per-enrollment state (key ``automation_id\\x1fcontact_id``);
+the message step owns the per-message state (key ``message_id``). Both call the
+engine, then turn its changes and views into status changes, forwarded
+internal events and ClickHouse rows.
+
+Parking: contact and step events can be consumed before the enrollment they
+belong to (they travel on different topics), and an enrollment before its
+automation's definition reaches this worker. Such events are parked in the
+key's parked list and applied, in arrival order, right after the enrollment
+is applied. The engine would converge without this, but the recipient rows
+and message registrations need the contact's details from the enrollment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from streams import rows
+from streams.engine import enrollment, message
+
+
+@dataclass(slots=True)
+class Output:
+    changes: list[dict] = field(default_factory=list)
+    to_messages: list[dict] = field(default_factory=list)
+    to_contacts: list[dict] = field(default_factory=list)
+    rows: dict[str, list[dict]] = field(default_factory=dict)
+
+    def add_rows(self, table: str, new_rows: list[dict]) -> None:
+        if new_rows:
+            self.rows.setdefault(table, []).extend(new_rows)
+
+    def extend(self, other: "Output") -> None:
+        self.changes.extend(other.changes)
+        self.to_messages.extend(other.to_messages)
+        self.to_contacts.extend(other.to_contacts)
+        for table, table_rows in other.rows.items():
+            self.add_rows(table, table_rows)
+
+
+@dataclass(slots=True)
+class ContactResult:
+    state: dict | None
+    parked: list[dict] | None
+    state_changed: bool
+    parked_changed: bool
+    output: Output
+
+
+def needs_parking(state: dict | None, event: dict, automation: dict | None) -> bool:
+    kind = event["type"]
+    if kind == "contact.enrolled":
+        return automation is None
+    if kind.startswith("contact.") or kind.startswith("step."):
+        return state is None or automation is None
+    return False
+
+
+def _runs_by_number(views: list[dict]) -> dict[int, dict]:
+    return {v["run"]: v for v in views}
+
+
+def _apply_one(state: dict | None, event: dict, automation: dict | None, out: Output,
+               partition: int, offset: int, now_ms: int | None) -> tuple[dict | None, bool]:
+    before = _runs_by_number(enrollment.view(state, automation)) if state is not None else {}
+    res = enrollment.apply(state, event, automation, now_ms)
+    if not res.changed and not res.changes:
+        return res.state, False
+    _emit(before, res, event, automation, out, partition, offset)
+    return res.state, True
+
+
+def _emit(before: dict[int, dict], res, event: dict, automation: dict | None, out: Output,
+          partition: int, offset: int) -> None:
+    after = _runs_by_number(enrollment.view(res.state, automation))
+    updated_at = event["occurred_at"]
+    out.changes.extend(res.changes)
+    out.add_rows("status_changes", [rows.status_change_row(c) for c in res.changes])
+    for run, view in after.items():
+        old = before.get(run)
+        if old == view:
+            continue
+        out.add_rows("enrollments", [rows.enrollment_row(view, updated_at)])
+        old_nodes = {n["step_index"]: n["state"] for n in old["nodes"]} if old else None
+        out.add_rows("node_states", rows.node_rows(view, old_nodes))
+    for reg in res.registrations:
+        out.to_messages.append(reg)
+        if event["type"] == "step.sent" and event.get("message_id") == reg["message_id"]:
+            run_view = after.get(reg["run"]) or {"run": reg["run"]}
+            out.add_rows("recipients", [rows.recipient_row(event, run_view, partition, offset)])
+    if event["type"] == "contact.enrolled":
+        out.add_rows("contacts", [rows.contact_row(event)])
+
+
+def contact_step(state: dict | None, parked: list[dict] | None, event: dict, automation: dict | None,
+                 partition: int, offset: int, now_ms: int | None = None) -> ContactResult:
+    """Apply one event of ``enrollments``, ``sends`` or ``internal.to-contacts`` to one key."""
+    out = Output()
+    if needs_parking(state, event, automation):
+        parked = list(parked or [])
+        parked.append({"event": event, "partition": partition, "offset": offset})
+        return ContactResult(state, parked, False, True, out)
+    new_state, state_changed = _apply_one(state, event, automation, out, partition, offset, now_ms)
+    parked_changed = False
+    if parked and new_state is not None and automation is not None:
+        # The enrollment (or the definition) arrived: apply what waited for it, in order.
+        remaining = []
+        for item in parked:
+            ev = item["event"]
+            if needs_parking(new_state, ev, automation):
+                remaining.append(item)
+                continue
+            new_state, _ = _apply_one(new_state, ev, automation, out, item["partition"], item["offset"], now_ms)
+        parked = remaining or None
+        parked_changed = True
+        state_changed = True
+    return ContactResult(new_state, parked, state_changed, parked_changed, out)
+
+
+def contact_unpark(state: dict | None, parked: list[dict], automation: dict, now_ms: int | None = None) -> ContactResult:
+    """An automation definition became known: apply the key's parked events that can go now."""
+    out = Output()
+    remaining = []
+    for item in parked:
+        ev = item["event"]
+        if needs_parking(state, ev, automation):
+            remaining.append(item)
+            continue
+        state, _ = _apply_one(state, ev, automation, out, item["partition"], item["offset"], now_ms)
+    return ContactResult(state, remaining or None, True, True, out)
+
+
+def contact_tick(state: dict, automation: dict | None, now_ms: int) -> ContactResult:
+    """Wall-clock tick: auto-resume out-of-office pauses whose date has passed."""
+    out = Output()
+    before = _runs_by_number(enrollment.view(state, automation))
+    res = enrollment.tick(state, automation, now_ms)
+    if res.changed or res.changes:
+        tick_event = {"occurred_at": now_ms, "type": "tick"}
+        _emit(before, res, tick_event, automation, out, 0, 0)
+    return ContactResult(res.state, None, res.changed, False, out)
+
+
+@dataclass(slots=True)
+class MessageResult:
+    state: dict | None
+    changed: bool
+    output: Output
+
+
+def message_step(state: dict | None, event: dict, partition: int, offset: int) -> MessageResult:
+    """Apply one provider event or send registration to one message."""
+    out = Output()
+    if event["type"] != "message.registered":
+        out.add_rows("message_events", [rows.message_event_row(event, partition, offset)])
+    res = message.apply(state, event)
+    if res.changed:
+        view = message.view(res.state)
+        if view is not None:
+            out.add_rows("messages", [rows.message_row(view, event["occurred_at"])])
+    out.changes.extend(res.changes)
+    out.add_rows("status_changes", [rows.status_change_row(c) for c in res.changes])
+    out.to_contacts.extend(res.outcomes)
+    return MessageResult(res.state, res.changed, out)

@@ -1,0 +1,254 @@
+-- >>> 001_automations_contacts.sql
+-- Latest-state tables: one row per key survives (ReplacingMergeTree keeps the
+-- highest _version). Read them with FINAL or argMax(..., _version).
+-- Every table sets non_replicated_deduplication_window so that a retried
+-- insert carrying the same insert_deduplication_token is dropped.
+
+CREATE TABLE IF NOT EXISTS automations
+(
+    automation_id  String,
+    name           String,
+    description    Nullable(String),
+    participation  LowCardinality(String),
+    start_at       DateTime64(3, 'UTC'),
+    end_at         Nullable(DateTime64(3, 'UTC')),
+    published_by   String,
+    version        UInt32,
+    steps          String COMMENT 'JSON array of {index, name, kind, day}',
+    status         LowCardinality(String) COMMENT 'active | paused | archived',
+    updated_at     DateTime64(3, 'UTC'),
+    _version       UInt64
+)
+ENGINE = ReplacingMergeTree(_version)
+ORDER BY automation_id
+SETTINGS non_replicated_deduplication_window = 1000;
+
+CREATE TABLE IF NOT EXISTS contacts
+(
+    contact_id  String,
+    user_id     String,
+    name        String,
+    email       String,
+    company     Nullable(String),
+    attributes  String COMMENT 'JSON object',
+    updated_at  DateTime64(3, 'UTC'),
+    _version    UInt64,
+    INDEX idx_email email TYPE bloom_filter(0.01) GRANULARITY 4
+)
+ENGINE = ReplacingMergeTree(_version)
+ORDER BY contact_id
+SETTINGS non_replicated_deduplication_window = 1000;
+
+-- >>> 002_recipients.sql
+-- One row per step sent (per message). Rows are immutable once written: every
+-- column is fixed by the send fact (first step.sent of the message), so a
+-- replay re-inserts identical rows and ReplacingMergeTree folds them.
+-- Sort key: (automation_id, sent_time, message_id). The unique key is
+-- (automation_id, message_id); sent_time is a function of the message, so
+-- adding it in front of message_id keeps the dedup key equivalent while the
+-- default recipients page (one automation, by sent_time, LIMIT/OFFSET) reads
+-- in order and stops after the page. "Did contact X get step k" and
+-- duplicate-send checks use the contact_id bloom filter inside the
+-- automation's range.
+
+CREATE TABLE IF NOT EXISTS recipients
+(
+    recipient_id  String COMMENT 'stable id of the row (derived from automation_id and message_id)',
+    automation_id String,
+    run           UInt32,
+    contact_id    String,
+    user_id       String,
+    user_name     String,
+    email         String,
+    step_index    UInt32,
+    step_details  String COMMENT 'JSON {day, inactive_days}',
+    message_id    String,
+    channel       LowCardinality(String),
+    mailing_id    String,
+    sent_time     DateTime64(3, 'UTC'),
+    metadata      String COMMENT 'JSON object',
+    _partition    UInt32,
+    _offset       UInt64,
+    _version      UInt64,
+    INDEX idx_contact contact_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_message message_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_step step_index TYPE set(256) GRANULARITY 4
+)
+ENGINE = ReplacingMergeTree(_version)
+ORDER BY (automation_id, sent_time, message_id)
+SETTINGS non_replicated_deduplication_window = 1000;
+
+-- >>> 003_enrollments_node_states.sql
+-- Current contact status per run, and node state per run and step.
+-- Both are latest-state tables (ReplacingMergeTree(_version)).
+
+CREATE TABLE IF NOT EXISTS enrollments
+(
+    automation_id        String,
+    contact_id           String,
+    run                  UInt32,
+    status               LowCardinality(String),
+    reason               Nullable(String),
+    current_step         Int32 COMMENT '-1 = no current node (run finished by completed/filtered)',
+    name                 String,
+    email                String,
+    user_id              String,
+    enrolled_at          Nullable(DateTime64(3, 'UTC')),
+    status_at            DateTime64(3, 'UTC'),
+    resume_at            Nullable(DateTime64(3, 'UTC')) COMMENT 'automatic resume time of an active hold',
+    updated_at           DateTime64(3, 'UTC'),
+    ignored_enrollments  UInt32,
+    _version             UInt64,
+    INDEX idx_contact contact_id TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_status status TYPE set(32) GRANULARITY 4
+)
+ENGINE = ReplacingMergeTree(_version)
+ORDER BY (automation_id, contact_id, run)
+SETTINGS non_replicated_deduplication_window = 1000;
+
+-- state 'none' marks a node the run no longer stands at (written when a
+-- contact leaves a waiting/stopped node); readers skip it.
+CREATE TABLE IF NOT EXISTS node_states
+(
+    automation_id  String,
+    contact_id     String,
+    run            UInt32,
+    step_index     UInt32,
+    state          LowCardinality(String) COMMENT 'done | waiting | filtered | stopped | none',
+    at             DateTime64(3, 'UTC'),
+    _version       UInt64,
+    INDEX idx_contact contact_id TYPE bloom_filter(0.01) GRANULARITY 1
+)
+ENGINE = ReplacingMergeTree(_version)
+ORDER BY (automation_id, step_index, contact_id, run)
+SETTINGS non_replicated_deduplication_window = 1000;
+
+-- >>> 004_messages.sql
+-- Message state (flags with their first time, status) and the raw provider
+-- events.
+
+CREATE TABLE IF NOT EXISTS messages
+(
+    message_id        String,
+    mailing_id        String COMMENT 'fixed per message; defaults to <automation_id>:<step_index>',
+    automation_id     String,
+    run               UInt32,
+    contact_id        String,
+    step_index        UInt32,
+    subject           String,
+    sending_user      String,
+    sending_email     String,
+    email             String,
+    name              String,
+    channel           LowCardinality(String),
+    status            LowCardinality(String),
+    status_at         DateTime64(3, 'UTC'),
+    sent_at           Nullable(DateTime64(3, 'UTC')),
+    delivered_at      Nullable(DateTime64(3, 'UTC')),
+    deferred_at       Nullable(DateTime64(3, 'UTC')),
+    opened_at         Nullable(DateTime64(3, 'UTC')),
+    clicked_at        Nullable(DateTime64(3, 'UTC')),
+    bounced_at        Nullable(DateTime64(3, 'UTC')),
+    dropped_at        Nullable(DateTime64(3, 'UTC')),
+    spam_reported_at  Nullable(DateTime64(3, 'UTC')),
+    unsubscribed_at   Nullable(DateTime64(3, 'UTC')),
+    resubscribed_at   Nullable(DateTime64(3, 'UTC')),
+    replied_at        Nullable(DateTime64(3, 'UTC')),
+    auto_replied_at   Nullable(DateTime64(3, 'UTC')),
+    bounce_class      LowCardinality(Nullable(String)) COMMENT 'hard | block | soft (most severe seen)',
+    return_at         Nullable(DateTime64(3, 'UTC')) COMMENT 'return date of the earliest auto-reply',
+    opens             UInt32,
+    clicks            UInt32,
+    updated_at        DateTime64(3, 'UTC'),
+    _version          UInt64,
+    INDEX idx_automation automation_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_contact contact_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_status status TYPE set(16) GRANULARITY 4
+)
+ENGINE = ReplacingMergeTree(_version)
+ORDER BY (mailing_id, message_id)
+SETTINGS non_replicated_deduplication_window = 1000;
+
+-- Raw provider events, one row per event_id (a replayed event is an
+-- identical row, folded by ReplacingMergeTree).
+CREATE TABLE IF NOT EXISTS message_events
+(
+    event_id       String,
+    message_id     String,
+    type           LowCardinality(String),
+    occurred_at    DateTime64(3, 'UTC'),
+    email          String,
+    provider       LowCardinality(String),
+    automation_id  Nullable(String),
+    contact_id     Nullable(String),
+    step_index     Nullable(UInt32),
+    bounce_class   LowCardinality(Nullable(String)),
+    reason         Nullable(String),
+    url            Nullable(String),
+    _partition     UInt32,
+    _offset        UInt64,
+    INDEX idx_automation automation_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_type type TYPE set(32) GRANULARITY 4
+)
+ENGINE = ReplacingMergeTree
+ORDER BY (message_id, event_id)
+SETTINGS non_replicated_deduplication_window = 1000;
+
+-- >>> 005_status_changes.sql
+-- Every derived change (contact status, node state, message status), as
+-- emitted on the status-changes topic. change_id is a stable hash of
+-- (event_id, kind, entity, to), and occurred_at is the causing event's time,
+-- so a re-emitted change is an identical row.
+
+CREATE TABLE IF NOT EXISTS status_changes
+(
+    change_id      String,
+    kind           LowCardinality(String) COMMENT 'contact_status | node_state | message_status',
+    automation_id  String,
+    contact_id     String,
+    run            UInt32,
+    step_index     Nullable(UInt32),
+    message_id     Nullable(String),
+    from_status    LowCardinality(Nullable(String)),
+    to_status      LowCardinality(String),
+    reason         Nullable(String),
+    event_id       String,
+    event_type     LowCardinality(String),
+    occurred_at    DateTime64(3, 'UTC'),
+    INDEX idx_automation automation_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_message message_id TYPE bloom_filter(0.01) GRANULARITY 4
+)
+ENGINE = ReplacingMergeTree
+ORDER BY (contact_id, occurred_at, change_id)
+SETTINGS non_replicated_deduplication_window = 1000;
+
+-- >>> 006_static_lists.sql
+-- Static lists: a named, frozen set of contacts taken from a node or the
+-- automation's contacts. Written once by the API; ReplacingMergeTree makes a
+-- retried creation harmless.
+
+CREATE TABLE IF NOT EXISTS static_lists
+(
+    list_id        String,
+    name           String,
+    automation_id  String,
+    step_index     Nullable(UInt32),
+    state          LowCardinality(Nullable(String)),
+    status         LowCardinality(Nullable(String)),
+    count          UInt64,
+    created_at     DateTime64(3, 'UTC')
+)
+ENGINE = ReplacingMergeTree
+ORDER BY list_id
+SETTINGS non_replicated_deduplication_window = 1000;
+
+CREATE TABLE IF NOT EXISTS static_list_members
+(
+    list_id     String,
+    contact_id  String,
+    name        String,
+    email       String
+)
+ENGINE = ReplacingMergeTree
+ORDER BY (list_id, contact_id)
+SETTINGS non_replicated_deduplication_window = 1000;

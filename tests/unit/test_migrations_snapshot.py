@@ -1,0 +1,62 @@
+"""The migrations, concatenated, equal the committed snapshot.
+
+A changed snapshot is a schema change for analysts and for already-migrated
+installations (an applied migration must never change: add a new numbered
+file). Regenerate after adding a migration with::
+
+    UPDATE_SNAPSHOTS=1 .venv/bin/python -m pytest -q tests/unit/test_migrations_snapshot.py
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from sendtrail.clickhouse import TABLE_COLUMNS
+from sendtrail.migrate import ddl_snapshot, load_migrations, split_statements
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "ddl.sql"
+
+
+def test_ddl_matches_snapshot():
+    current = ddl_snapshot()
+    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
+        SNAPSHOT.parent.mkdir(parents=True, exist_ok=True)
+        SNAPSHOT.write_text(current, encoding="utf-8")
+    assert SNAPSHOT.exists(), f"no snapshot at {SNAPSHOT}; run with UPDATE_SNAPSHOTS=1"
+    expected = SNAPSHOT.read_text(encoding="utf-8")
+    assert current == expected, (
+        "the migrations differ from tests/unit/snapshots/ddl.sql; if the change is intended "
+        "(a new migration file, never an edit of an applied one) regenerate with UPDATE_SNAPSHOTS=1"
+    )
+
+
+def test_migration_files_are_numbered_and_idempotent():
+    migrations = load_migrations()
+    assert [m.name[:3] for m in migrations] == [f"{i:03d}" for i in range(1, len(migrations) + 1)]
+    for m in migrations:
+        for stmt in m.statements:
+            if stmt.upper().startswith("CREATE"):
+                assert "IF NOT EXISTS" in stmt.upper(), f"{m.name}: {stmt[:60]}"
+
+
+def test_every_table_has_a_dedup_window_and_the_declared_columns():
+    created = {}
+    for m in load_migrations():
+        for stmt in m.statements:
+            match = re.search(r"CREATE TABLE IF NOT EXISTS (\w+)\s*\((.*)\)\s*ENGINE", stmt, re.S)
+            if not match:
+                continue
+            assert "non_replicated_deduplication_window" in stmt, match.group(1)
+            cols = []
+            for line in match.group(2).splitlines():
+                line = line.strip()
+                if line and not line.startswith(("INDEX", "PROJECTION", "--")):
+                    cols.append(line.split()[0])
+            created[match.group(1)] = tuple(cols)
+    assert created == TABLE_COLUMNS
+
+
+def test_split_statements():
+    sql = "-- a comment;\nCREATE TABLE a (x UInt8)\nENGINE = Memory;\n\n-- trailing\nSELECT 1;\n-- only a comment\n"
+    assert split_statements(sql) == ["-- a comment;\nCREATE TABLE a (x UInt8)\nENGINE = Memory", "-- trailing\nSELECT 1"]
