@@ -337,6 +337,7 @@ class BatchWriter:
                     batch.table, len(batch.rows), attempt, batch.token, delay, exc, exc_info=exc,
                 )
                 self._hook("on_failure", batch.table, exc)
+                self._hook("on_retry", batch.table, attempt, delay)
                 if self._factory is not None:
                     self._drop_client()
                 await asyncio.sleep(delay)

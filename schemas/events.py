@@ -200,6 +200,7 @@ COMMON_FIELDS: tuple[Field, ...] = (
         "schema_version",
         "int",
         required=False,
+        nullable=True,
         default=1,
         min=1,
         max=SUPPORTED_SCHEMA_VERSION,

@@ -106,6 +106,14 @@ def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_wait(settings: Settings, args: argparse.Namespace) -> int:
+    from agents.offsets import wait_caught_up
+
+    lag = asyncio.run(wait_caught_up(settings, timeout=args.timeout))
+    log.info("worker caught up: %s", lag)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sendtrail", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--out", default=".")
     rep = sub.add_parser("report", help="print per-automation node counts and per-mailing totals from the API")
     rep.add_argument("--url", default=None, help="API base URL (default http://127.0.0.1:$SENDTRAIL_WEB_PORT)")
+    wait = sub.add_parser("wait", help="wait until the worker has consumed and committed everything")
+    wait.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(settings)
     handler = {"worker": cmd_worker, "migrate": cmd_migrate, "generate": cmd_generate, "export": cmd_export,
-               "report": cmd_report}[args.command]
+               "report": cmd_report, "wait": cmd_wait}[args.command]
     return handler(settings, args)
 
 

@@ -9,6 +9,7 @@ State layout (plain JSON-serializable dicts and lists; int keys stored as str)::
      "runs": [run, ...],          # oldest first, run["run"] == its position
      "ignored": [event_id, ...],  # ignored enrollments (<= 1000)
      "orphans": [outcome, ...],   # outcomes for runs that do not exist yet (<= 1000)
+     "fanouts": [event_id, ...],  # automation.paused/resumed/archived applied here (<= 100, newest kept)
      "now": ms,                   # monotone max of event times and given now_ms
      "version": int}
 
@@ -43,6 +44,7 @@ __all__ = ["Result", "apply", "tick", "next_resume_at", "view", "key_of", "AUTO_
 AUTO_RESUME_TYPE = "contact.auto_resumed"
 IGNORED_CAP = 1000
 ORPHAN_CAP = 1000
+FANOUT_CAP = 100
 
 
 @dataclass(slots=True)
@@ -87,6 +89,7 @@ def _new_state(event: dict) -> dict:
         "runs": [],
         "ignored": [],
         "orphans": [],
+        "fanouts": [],
         "now": 0,
         "version": 0,
     }
@@ -128,11 +131,25 @@ def _add_run(state: dict) -> dict:
     return run
 
 
-def _latest(state: dict) -> dict:
+def _latest(state: dict, at: int) -> dict:
+    """The run a contact/step event (which carries no run) belongs to.
+
+    The latest run enrolled at or before the event's time (a run without an
+    enrollment fact counts as enrolled at the beginning of time); when every
+    run was enrolled after it, the oldest run. With one run (the usual case)
+    that is the latest run, as the doc says; with several, a late or replayed
+    event of an older run does not leak into a newer one.
+    """
     runs = state["runs"]
-    if runs:
-        return runs[-1]
-    return _add_run(state)
+    if not runs:
+        return _add_run(state)
+    if len(runs) == 1:
+        return runs[0]
+    for run in reversed(runs):
+        e = run["enrolled"]
+        if e is None or e["at"] <= at:
+            return run
+    return runs[0]
 
 
 # --------------------------------------------------------------------------- fact merges (each returns True if it changed)
@@ -330,7 +347,7 @@ def _h_enrolled(state, ev, automation, steps, now, regs):
 
 
 def _h_enriched(state, ev, automation, steps, now, regs):
-    run = _latest(state)
+    run = _latest(state, ev["occurred_at"])
     at = ev["occurred_at"]
     cur = run["enriched_at"]
     if cur is None or at < cur:
@@ -341,7 +358,7 @@ def _h_enriched(state, ev, automation, steps, now, regs):
 
 def _terminal_handler(status, fixed_reason, default_reason):
     def handler(state, ev, automation, steps, now, regs):
-        run = _latest(state)
+        run = _latest(state, ev["occurred_at"])
         reason = fixed_reason or ev.get("reason") or default_reason
         if _set_terminal(run, ev["occurred_at"], ev["event_id"], status, reason, None, ev["type"]):
             return True, (run,)
@@ -350,42 +367,42 @@ def _terminal_handler(status, fixed_reason, default_reason):
 
 
 def _h_limit_reached(state, ev, automation, steps, now, regs):
-    run = _latest(state)
+    run = _latest(state, ev["occurred_at"])
     if _set_limit(run, ev["occurred_at"], ev["event_id"], ev.get("limit") or "active"):
         return True, (run,)
     return False, _NONE
 
 
 def _h_limit_released(state, ev, automation, steps, now, regs):
-    run = _latest(state)
+    run = _latest(state, ev["occurred_at"])
     if _set_limit(run, ev["occurred_at"], ev["event_id"], None):
         return True, (run,)
     return False, _NONE
 
 
 def _h_paused(state, ev, automation, steps, now, regs):
-    run = _latest(state)
+    run = _latest(state, ev["occurred_at"])
     if _set_hold(run, ev["occurred_at"], ev["event_id"], "paused", ev.get("reason") or "manual", ev.get("resume_at")):
         return True, (run,)
     return False, _NONE
 
 
 def _h_resumed(state, ev, automation, steps, now, regs):
-    run = _latest(state)
+    run = _latest(state, ev["occurred_at"])
     if _set_resumed(run, ev["occurred_at"], ev["event_id"]):
         return True, (run,)
     return False, _NONE
 
 
 def _h_scheduled(state, ev, automation, steps, now, regs):
-    run = _latest(state)
+    run = _latest(state, ev["occurred_at"])
     if _set_started(run, ev["occurred_at"]):
         return True, (run,)
     return False, _NONE
 
 
 def _h_sent(state, ev, automation, steps, now, regs):
-    run = _latest(state)
+    run = _latest(state, ev["occurred_at"])
     at = ev["occurred_at"]
     eid = ev["event_id"]
     k = int(ev["step_index"])
@@ -431,7 +448,7 @@ def _h_sent(state, ev, automation, steps, now, regs):
 
 
 def _h_filtered(state, ev, automation, steps, now, regs):
-    run = _latest(state)
+    run = _latest(state, ev["occurred_at"])
     at = ev["occurred_at"]
     changed = _set_started(run, at)
     k = ev.get("step_index")
@@ -441,7 +458,7 @@ def _h_filtered(state, ev, automation, steps, now, regs):
 
 
 def _h_not_sent(state, ev, automation, steps, now, regs):
-    run = _latest(state)
+    run = _latest(state, ev["occurred_at"])
     at = ev["occurred_at"]
     changed = _set_started(run, at)
     if _set_hold(run, at, ev["event_id"], "not_sent", ev.get("reason") or "not_sent", None):
@@ -450,7 +467,7 @@ def _h_not_sent(state, ev, automation, steps, now, regs):
 
 
 def _h_step_failed(state, ev, automation, steps, now, regs):
-    run = _latest(state)
+    run = _latest(state, ev["occurred_at"])
     at = ev["occurred_at"]
     changed = _set_started(run, at)
     k = ev.get("step_index")
@@ -547,6 +564,27 @@ _HANDLERS = {
 }
 
 _FAN_OUT = frozenset({"automation.paused", "automation.resumed", "automation.archived"})
+
+
+def _fan_out(inner):
+    """Fan-outs apply to the runs open when processed; their ids are kept so a replay is a no-op."""
+    def handler(state, ev, automation, steps, now, regs):
+        if not state["runs"]:
+            return False, _NONE
+        seen = state["fanouts"]
+        eid = ev["event_id"]
+        if eid in seen:
+            return False, _NONE
+        seen.append(eid)
+        if len(seen) > FANOUT_CAP:
+            del seen[0]
+        _changed, touched = inner(state, ev, automation, steps, now, regs)
+        return True, touched
+    return handler
+
+
+for _t in _FAN_OUT:
+    _HANDLERS[_t] = _fan_out(_HANDLERS[_t])
 
 
 # --------------------------------------------------------------------------- API

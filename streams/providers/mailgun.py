@@ -101,7 +101,7 @@ def handle(headers: dict[str, str], body: bytes, content_type: str, config: Webh
 
 def _failure_reason(item: dict) -> str:
     status = as_dict(item.get("delivery-status"))
-    code = status.get("code")
+    code = status.get("code") or None  # Mailgun reports 0 when there was no SMTP answer
     text = as_str(status.get("message")) or as_str(status.get("description"))
     detail = join_reason(code, text) if (code or text) else None
     return join_reason(item.get("reason"), detail)

@@ -1,0 +1,248 @@
+"""Run the real worker as a subprocess, feed it a generated workload, and read ClickHouse back.
+
+ClickHouse is read in a child process: an embedded chDB path belongs to one
+process at a time, and the test process may hold another one open.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from sendtrail.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerProcess:
+    """``sendtrail worker`` in a subprocess with its own data dir, chDB path and port."""
+
+    def __init__(self, tmp: Path, bootstrap: str, prefix: str, partitions: int = 4, extra_env: dict | None = None):
+        self.tmp = tmp
+        self.port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SENDTRAIL_")}
+        self.env.update({
+            "SENDTRAIL_KAFKA": bootstrap,
+            "SENDTRAIL_TOPIC_PREFIX": prefix,
+            "SENDTRAIL_PARTITIONS": str(partitions),
+            "SENDTRAIL_DATA_DIR": str(tmp / "data"),
+            "SENDTRAIL_CLICKHOUSE_URL": f"chdb://{tmp / 'clickhouse'}",
+            "SENDTRAIL_WEB_HOST": "127.0.0.1",
+            "SENDTRAIL_WEB_PORT": str(self.port),
+            "SENDTRAIL_RESUME_CHECK_SECONDS": "1",
+            "SENDTRAIL_LOG_LEVEL": "info",
+        })
+        self.env.update(extra_env or {})
+        self.settings = Settings.from_env(self.env)
+        self.proc: subprocess.Popen | None = None
+        self.log_path = tmp / "worker.log"
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = open(self.log_path, "ab")
+        log.write(f"\n===== start {self.starts} =====\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen([sys.executable, "-m", "sendtrail.cli", "worker"], cwd=self.tmp, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_http(self, path: str = "/healthz", timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"worker HTTP {path} not up in {timeout}s; log: {self.tail()}")
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {self.proc.returncode}; log: {self.tail()}")
+
+    def wait_caught_up(self, timeout: float = 300.0) -> None:
+        from agents.offsets import wait_caught_up
+
+        self._check_alive()
+        asyncio.run(wait_caught_up(self.settings, timeout=timeout, stable_checks=3, interval=1.0))
+        self._check_alive()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self.proc = None
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        self.proc = None
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+def query_clickhouse(path: Path, queries: dict[str, str]) -> dict[str, list[list]]:
+    """Run SELECTs against a chDB path in a child process; returns rows per query name."""
+    script = (
+        "import json, sys\n"
+        "from sendtrail.clickhouse import connect\n"
+        "qs = json.loads(sys.stdin.read())\n"
+        "c = connect('chdb://' + sys.argv[1])\n"
+        "out = {k: [list(r) for r in c.query(q).result_rows] for k, q in qs.items()}\n"
+        "c.close()\n"
+        "sys.stdout.write(json.dumps(out, default=str))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script, str(path)], input=json.dumps(queries), capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    if res.returncode != 0:
+        raise RuntimeError(f"query failed: {res.stderr[-3000:]}")
+    return json.loads(res.stdout)
+
+
+FLAG_COLUMNS = ("sent", "delivered", "deferred", "opened", "clicked", "bounced", "dropped", "spam_reported",
+                "unsubscribed", "resubscribed", "replied", "auto_replied")
+
+END_STATE_QUERIES = {
+    "enrollments": "SELECT automation_id, contact_id, run, status, ifNull(reason, ''), current_step "
+                   "FROM sendtrail.enrollments FINAL",
+    "ignored": "SELECT sum(m) FROM (SELECT max(ignored_enrollments) AS m FROM sendtrail.enrollments FINAL "
+               "GROUP BY automation_id, contact_id)",
+    "nodes": "SELECT automation_id, contact_id, run, step_index, state FROM sendtrail.node_states FINAL "
+             "WHERE state != 'none'",
+    "recipients": "SELECT automation_id, contact_id, run, step_index, message_id FROM sendtrail.recipients FINAL",
+    "messages": "SELECT message_id, status, opens, clicks, bounce_class, "
+                + ", ".join(f"{f}_at IS NOT NULL" for f in FLAG_COLUMNS) + " FROM sendtrail.messages FINAL",
+    "status_changes": "SELECT count(), uniqExact(change_id) FROM sendtrail.status_changes FINAL",
+}
+
+
+def read_end_state(path: Path) -> dict:
+    raw = query_clickhouse(path, END_STATE_QUERIES)
+    state: dict = {"enrollments": {}, "nodes": {}, "messages": {}}
+    for aid, cid, run, status, reason, current in raw["enrollments"]:
+        state["enrollments"][f"{aid}|{cid}|{run}"] = {"status": status, "reason": reason or None,
+                                                        "current_step": current}
+    for aid, cid, run, step, node_state in raw["nodes"]:
+        state["nodes"].setdefault(f"{aid}|{cid}|{run}", {})[str(step)] = node_state
+    state["recipients"] = sorted([list(r) for r in raw["recipients"]])
+    for row in raw["messages"]:
+        mid, status, opens, clicks, bounce_class = row[:5]
+        flags = sorted(f for f, on in zip(FLAG_COLUMNS, row[5:]) if on in (1, True, "1", "true"))
+        state["messages"][mid] = {"status": status, "opens": opens, "clicks": clicks,
+                                  "bounce_class": bounce_class or None, "flags": flags}
+    state["ignored_enrollments"] = int(raw["ignored"][0][0] or 0)
+    state["status_changes"] = raw["status_changes"][0]
+    return state
+
+
+def compare_with_oracle(state: dict, oracle: dict) -> list[str]:
+    """Every difference between the ClickHouse end state and the oracle, as readable lines."""
+    diffs: list[str] = []
+    exp_enr = oracle["enrollments"]
+    for key in sorted(set(exp_enr) | set(state["enrollments"])):
+        exp, got = exp_enr.get(key), state["enrollments"].get(key)
+        if exp is None or got is None:
+            diffs.append(f"enrollment {key}: expected {exp}, got {got}")
+            continue
+        for f in ("status", "reason", "current_step"):
+            if exp.get(f) != got.get(f):
+                diffs.append(f"enrollment {key} {f}: expected {exp.get(f)!r}, got {got.get(f)!r}")
+        exp_nodes = {str(k): v for k, v in (exp.get("nodes") or {}).items()}
+        got_nodes = state["nodes"].get(key, {})
+        if exp_nodes != got_nodes:
+            diffs.append(f"enrollment {key} nodes: expected {exp_nodes}, got {got_nodes}")
+    exp_rec = sorted([list(r) for r in oracle["recipients"]])
+    if exp_rec != state["recipients"]:
+        missing = [r for r in exp_rec if r not in state["recipients"]][:5]
+        extra = [r for r in state["recipients"] if r not in exp_rec][:5]
+        diffs.append(f"recipients: expected {len(exp_rec)}, got {len(state['recipients'])}; "
+                     f"missing {missing}, extra {extra}")
+    exp_msg = oracle["messages"]
+    for mid in sorted(set(exp_msg) | set(state["messages"])):
+        exp, got = exp_msg.get(mid), state["messages"].get(mid)
+        if exp is None or got is None:
+            diffs.append(f"message {mid}: expected {exp}, got {got}")
+            continue
+        for f in ("status", "opens", "clicks", "bounce_class", "flags"):
+            e = exp.get(f)
+            if f == "flags":
+                e = sorted(e or [])
+            if e != got.get(f):
+                diffs.append(f"message {mid} {f}: expected {e!r}, got {got.get(f)!r}")
+    if oracle.get("ignored_enrollments", 0) != state["ignored_enrollments"]:
+        diffs.append(f"ignored enrollments: expected {oracle.get('ignored_enrollments')}, "
+                     f"got {state['ignored_enrollments']}")
+    total, unique = state["status_changes"]
+    if total != unique:
+        diffs.append(f"status_changes: {total} rows but {unique} distinct change ids (a change counted twice)")
+    return diffs
+
+
+def node_counts(state: dict) -> dict:
+    counts: dict = {}
+    for key, nodes in state["nodes"].items():
+        aid = key.split("|", 1)[0]
+        for step, node_state in nodes.items():
+            counts.setdefault(aid, {}).setdefault(step, Counter())[node_state] += 1
+    return counts
+
+
+async def consume_all(bootstrap: str, topic: str, timeout: float = 10.0) -> list[tuple[bytes, bytes]]:
+    """Every message of a topic from the beginning (keys and values)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    out: list[tuple[bytes, bytes]] = []
+    try:
+        parts = consumer.assignment()
+        deadline = time.monotonic() + timeout
+        while not parts and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            parts = consumer.assignment()
+        ends = await consumer.end_offsets(list(parts))
+        while time.monotonic() < deadline:
+            if all(await consumer.position(tp) >= end for tp, end in ends.items()):
+                break
+            batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            for records in batch.values():
+                out.extend((r.key, r.value) for r in records)
+    finally:
+        await consumer.stop()
+    return out
