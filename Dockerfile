@@ -28,6 +28,7 @@ ENV PYTHONUNBUFFERED=1 \
     SENDTRAIL_DATA_DIR=/data \
     SENDTRAIL_CLICKHOUSE_URL=chdb:///data/clickhouse \
     SENDTRAIL_WEB_PORT=6066 \
+    PROMETHEUS_DISABLE_CREATED_SERIES=true \
     PATH=/opt/sendtrail/bin:$PATH
 COPY --from=build /opt/sendtrail /opt/sendtrail
 RUN groupadd --system --gid 10001 sendtrail \

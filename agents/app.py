@@ -228,7 +228,7 @@ class Pipeline:
         for ev in batch:
             ts = ev.message.timestamp
             if ts:
-                self.metrics.latency(max(0.0, now - ts))
+                self.metrics.observe_latency(max(0.0, now - ts))
         self.metrics.processed(len(batch), now)
 
     # ---- contacts -------------------------------------------------------------------------------
@@ -394,6 +394,8 @@ class Pipeline:
         ctx = Batch()
         for event in batch:
             _set_current(event)
+            if not event.value:
+                continue  # a tombstone on the compacted topic: the definition we hold stays
             ev = self._parse(ctx, event, "automations")
             if ev is None:
                 continue

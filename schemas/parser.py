@@ -92,6 +92,7 @@ class Rejection:
 
 
 _MISSING: Any = object()
+_loads = orjson.loads
 
 # --------------------------------------------------------------------------
 # timestamps
@@ -291,6 +292,12 @@ def _check_value(f: Field, v: Any, path: str) -> Any:
             if f.unique_by is not None:
                 ub = f.unique_by
                 v = sorted(v, key=lambda it: it[ub])
+                if f.unique_by == "index" and [it[ub] for it in v] != list(range(len(v))):
+                    return Rejection(
+                        BAD_VALUE,
+                        f"{path} indexes must run 0, 1, 2, ... without gaps (node k is step k)",
+                        f"{path}",
+                    )
         return v
     raise AssertionError(f"unknown field kind {kind!r}")  # pragma: no cover - table error
 
@@ -454,8 +461,8 @@ def _topic_accepts(topic: str) -> tuple[tuple[str, ...], str]:
 
 
 def _validate(ev: dict, topic: str | None) -> dict | Rejection:
-    sv = ev.get("schema_version", _MISSING)
-    if sv is _MISSING or sv is None:
+    sv = ev.get("schema_version")
+    if sv is None:
         ev["schema_version"] = 1
     elif type(sv) is not int or sv != 1:
         if isinstance(sv, bool) or not isinstance(sv, int):
@@ -470,13 +477,13 @@ def _validate(ev: dict, topic: str | None) -> dict | Rejection:
             return Rejection(BAD_VALUE, f"schema_version must be at least 1, not {sv}", "schema_version")
         ev["schema_version"] = int(sv)
 
-    t = ev.get("type", _MISSING)
-    if t is _MISSING or t is None:
-        return Rejection(MISSING_TYPE, "type is required", "type")
+    t = ev.get("type")
     if type(t) is not str:
+        if t is None:
+            return Rejection(MISSING_TYPE, "type is required", "type")
         if not isinstance(t, str):
             return Rejection(WRONG_TYPE, f"type must be a string, not {_json_kind(t)}", "type")
-        t = str(t)
+        t = ev["type"] = str(t)
     validate = _COMPILED.get(t)
     if validate is None:
         return Rejection(UNKNOWN_TYPE, f"unknown event type {t[:100]!r}", "type")
@@ -505,16 +512,20 @@ def parse_event(
     error, not bad input). Returns the event dict (defaults filled,
     timestamps in epoch ms UTC) or a :class:`Rejection`.
     """
-    if raw is None:
+    if type(raw) is bytes:
+        size = len(raw)
+    elif raw is None:
         return Rejection(INVALID_JSON, "the message has no value (null / tombstone)")
-    try:
-        size = len(raw) if not isinstance(raw, memoryview) else raw.nbytes
-    except TypeError:
+    elif isinstance(raw, memoryview):
+        size = raw.nbytes
+    elif isinstance(raw, (bytes, bytearray, str)):
+        size = len(raw)
+    else:
         return Rejection(INVALID_JSON, f"the message is {type(raw).__name__}, not bytes")
     if size > max_bytes:
         return Rejection(TOO_LARGE, f"the message has {size} bytes, more than the limit of {max_bytes}")
     try:
-        ev = orjson.loads(raw)
+        ev = _loads(raw)
     except (orjson.JSONDecodeError, TypeError, ValueError) as e:
         return Rejection(INVALID_JSON, f"not valid JSON: {str(e)[:200]}")
     if type(ev) is not dict:

@@ -65,9 +65,13 @@ __all__ = [
 # Bounded label vocabularies
 # --------------------------------------------------------------------------
 
-#: Base topic names (SPEC section 2 plus the internal ones); a prefixed name
-#: is reduced to its base, anything else becomes ``other``.
+#: Base topic names (SPEC section 2 plus the internal ones), and the two HTTP
+#: entry points (``api`` for POST /api/v1/events, ``webhooks``) as sources of
+#: rejected events; a prefixed name is reduced to its base, anything else
+#: becomes ``other``.
 TOPICS: tuple[str, ...] = (
+    "api",
+    "webhooks",
     "automations",
     "enrollments",
     "sends",
@@ -184,13 +188,14 @@ class MetricDef:
 METRIC_DEFS: tuple[MetricDef, ...] = (
     # -- consumption / validation
     MetricDef("sendtrail_events_consumed_total", "counter", ("topic", "type"),
-              "Events read from Kafka and decoded, by base topic and event type.", "events_consumed"),
+              "Valid events read from Kafka, by base topic and event type (rejected ones are counted "
+              "in sendtrail_events_rejected_total only).", "events_consumed"),
     MetricDef("sendtrail_events_rejected_total", "counter", ("topic", "reason"),
               "Invalid events sent to dead-letters, by base topic and machine-readable reason.", "events_rejected"),
     MetricDef("sendtrail_dead_letters_produced_total", "counter", ("topic",),
               "Records produced to the dead-letters topic, by the base topic they came from.", "dead_letters_produced"),
     MetricDef("sendtrail_ignored_enrollments_total", "counter", ("reason",),
-              "contact.enrolled events ignored (run still open, or participation once).", "ignored_enrollments"),
+              "Re-enrollments (contact.enrolled) ignored: run still open, or participation once.", "ignored_enrollments"),
     MetricDef("sendtrail_status_transitions_total", "counter", ("kind", "from_status", "to_status"),
               "Status changes derived and emitted on status-changes (kind contact_status|node_state|message_status).",
               "status_transitions"),
@@ -243,7 +248,7 @@ METRIC_DEFS: tuple[MetricDef, ...] = (
               "API request duration by route template.", "api_request_duration"),
     # -- process
     MetricDef("sendtrail_worker_up", "gauge", (),
-              "1 while the worker's agents and sink run, 0 while starting or stopping.", "worker_up"),
+              "Whether the worker's agents and sink run: 1 running, 0 starting or stopping.", "worker_up"),
     MetricDef("sendtrail_build_info", "gauge", ("version",),
               "Always 1; the label carries the sendtrail version.", "build_info"),
 )
@@ -404,7 +409,9 @@ class Metrics:
     # ----------------------------------------------------------- hot path
 
     def consumed(self, topic: str, type: str, n: int = 1) -> None:
-        """``n`` events of ``type`` read from ``topic`` (base or prefixed name)."""
+        """``n`` valid events of ``type`` read from ``topic`` (base or prefixed
+        name). Rejected records go to :meth:`rejected` only; the dead-letter
+        ratio is rejected / (consumed + rejected)."""
         key = (topic, type)
         child = self._c_consumed.get(key)
         if child is None:
@@ -485,6 +492,11 @@ class Metrics:
         "sink failing" alert see a written counter even before the first row."""
         for t in tables:
             self._table_children(t)
+
+    def set_sink_backlog_limit(self, rows: int) -> None:
+        """SENDTRAIL_SINK_MAX_BACKLOG_ROWS, once at start (the backlog alert
+        compares the backlog with it)."""
+        self.sink_backlog_limit.set(rows)
 
     def set_sink_backlog(self, rows: int, limit: int | None = None) -> None:
         self.sink_backlog.set(rows)

@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import orjson
+
 from streams.oracle import MessagePlan, RunPlan, build_oracle, derive_run, ENDED
 
 __all__ = ["Workload", "generate", "write_jsonl", "read_jsonl", "format_ts", "TOPICS", "DEAD_LETTER_REASONS"]
@@ -93,20 +95,30 @@ _KIND_W = (0.55, 0.08, 0.08, 0.08, 0.11, 0.10)
 _OFFSETS = (60, -300, 330, 120)
 
 
+_DATE_CACHE: dict[int, str] = {}
+
+
 def format_ts(ms: int, offset_min: int = 0) -> str:
     """RFC 3339 with milliseconds: ``2026-01-05T10:00:00.123Z`` (or with ``+hh:mm``)."""
     secs, milli = divmod(int(ms), 1000)
-    tm = time.gmtime(secs + offset_min * 60)
-    s = time.strftime("%Y-%m-%dT%H:%M:%S", tm) + f".{milli:03d}"
+    secs += offset_min * 60
+    day, rem = divmod(secs, 86400)
+    date = _DATE_CACHE.get(day)
+    if date is None:
+        date = _DATE_CACHE[day] = time.strftime("%Y-%m-%d", time.gmtime(day * 86400))
+    h, rem = divmod(rem, 3600)
+    m, sec = divmod(rem, 60)
+    s = f"{date}T{h:02d}:{m:02d}:{sec:02d}.{milli:03d}"
     if offset_min == 0:
         return s + "Z"
     sign = "+" if offset_min > 0 else "-"
-    h, m = divmod(abs(offset_min), 60)
-    return f"{s}{sign}{h:02d}:{m:02d}"
+    oh, om = divmod(abs(offset_min), 60)
+    return f"{s}{sign}{oh:02d}:{om:02d}"
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact JSON, UTF-8, keys in insertion order (same bytes as json.dumps(separators=(",", ":")))."""
+    return orjson.dumps(obj)
 
 
 @dataclass
@@ -326,6 +338,8 @@ class _Gen:
     def _story_body(self, a: _Automation, c: _Contact, run: RunPlan, adv, st) -> None:
         rng = self.rng
         if run.needs_enrichment:
+            if rng.random() < 0.04:
+                return  # the enrichment is still running: waiting_enrichment
             t = adv(10 * MIN, 6 * HOUR)
             if rng.random() < 0.10:
                 reason = rng.choice(("no_email_found", "no_linkedin_id", "enrichment_timeout"))
@@ -379,12 +393,13 @@ class _Gen:
                     else:
                         return
                 else:
-                    ra = a.clock(st["v"] + rng.uniform(HOUR, 2 * DAY))
+                    v_r = st["v"] + rng.uniform(HOUR, 2 * DAY)
+                    ra = a.clock(v_r)
                     e = self.contact_event(a, c, "contact.paused", t, reason="manual", resume_at=format_ts(ra))
                     run.add(t, e, "hold", status="paused", reason="manual", resume_at=ra)
                     if ra > a.t_end:
                         return
-                    st["v"] = float(st["v"]) + (ra - t) + rng.uniform(MIN, HOUR)
+                    st["v"] = v_r + rng.uniform(MIN, HOUR)
                     if a.clock(st["v"]) > a.t_end:
                         return
                 t = adv(MIN, HOUR)
@@ -492,6 +507,40 @@ class _Gen:
             return True
         raise AssertionError(kind)
 
+    def paused_story(self, a: _Automation, c: _Contact, v0: float) -> RunPlan | None:
+        """A story in an automation that is paused during ``a.pause``.
+
+        The pause/resume fan-out must leave no visible trace in the end state,
+        whenever it is processed: a run that would be held (paused, not_sent,
+        bounced) when the automation is paused is re-planned to start after
+        the automation was resumed. (Per semantics.md, ``automation.resumed``
+        would otherwise release *every* hold, bounced and out-of-office ones
+        included, and only for the runs that exist when it is processed.)
+        """
+        t1, t2 = a.pause
+        idx = [s["index"] for s in a.steps]
+        mark = (len(self.items), len(self.recipients), self.msg_n, self.ignored)
+        run = self.story(a, c, v0)
+        if run is None or run.enrolled_at >= t1:
+            return run
+        if derive_run(run, idx, t1, cutoff=t1)["status"] not in ("paused", "not_sent", "bounced"):
+            return run
+        # roll the story back and start it after the pause
+        n_items, n_rec, msg_n, ignored = mark
+        del self.items[n_items:]
+        del self.recipients[n_rec:]
+        for i in range(msg_n + 1, self.msg_n + 1):
+            for prefix in ("msg", "li", "task", "wait", "cond"):
+                self.messages.pop(f"{prefix}-{self.seed}-{i:07d}", None)
+        self.msg_n = msg_n
+        self.ignored = ignored
+        shift = a.clock(t1) - t1
+        hi = a.t_end - self.span * 0.06 - shift
+        lo = t1 - HOUR + 1
+        if hi <= lo:
+            return None
+        return self.story(a, c, self.rng.uniform(lo, hi))
+
     # ------------------------------------------------------------------ messages
 
     def send(self, a: _Automation, c: _Contact, run: RunPlan, k: int, t: int) -> str:
@@ -558,7 +607,8 @@ class _Gen:
             r = pe("message.sent", dv)
             if r:
                 m.flag("sent", r[1])
-        x = rng.random()
+        # a duplicate send (allow_effects=False) is simply delivered: no outcome may reach the contact
+        x = rng.random() if allow_effects else 1.0
         if x < 0.005:
             r = pe("message.dropped", rng.uniform(1000, 30_000), reason=rng.choice(("suppressed", "invalid", None)))
             if r:
@@ -849,12 +899,15 @@ class _Gen:
                 chosen.append(other if other < chosen[0] else other + 1)
             for ai in chosen:
                 a = self.autos[ai]
-                v0 = rng.uniform(self.base + HOUR, self.end - self.span * 0.15)
+                v0 = rng.uniform(self.base + HOUR, a.t_end - self.span * 0.06)
                 if a.lifecycle is None and a.participation == "unlimited" and rng.random() < 0.05:
                     runs = self.multi_run(a, c, a.clock(v0))
                     a.runs.extend(runs)
                     continue
-                run = self.story(a, c, v0)
+                if a.pause is not None:
+                    run = self.paused_story(a, c, v0)
+                else:
+                    run = self.story(a, c, v0)
                 if run is None:
                     continue
                 a.runs.append(run)

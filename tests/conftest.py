@@ -143,7 +143,8 @@ def kafka_cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixt
     request.addfinalizer(stop)  # registered before start: a half-started cluster is stopped too
     t0 = time.monotonic()
     try:
-        proc = run_kafka_script("start", "--port", "0", "--dir", str(state))
+        # --owner-pid: if this pytest dies without running finalizers, the brokers stop anyway
+        proc = run_kafka_script("start", "--port", "0", "--dir", str(state), "--owner-pid", str(os.getpid()))
     except BaseException:
         stop()
         raise

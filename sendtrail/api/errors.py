@@ -19,12 +19,20 @@ class ApiError(Exception):
     status: int = 500
     code: str = "internal_error"
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 details: dict[str, Any] | None = None):
+    def __init__(self, *args: Any, status: int | None = None, code: str | None = None,
+                 message: str | None = None, details: dict[str, Any] | None = None):
+        """``ApiError(status, code, message)`` or ``BadRequest(message)`` / ``ApiError(message, status=, code=)``."""
+        if len(args) == 3 and isinstance(args[0], int):
+            status, code, message = args
+        elif len(args) == 1 and message is None:
+            message = str(args[0])
+        elif args:
+            raise TypeError("ApiError(status, code, message) or ApiError(message)")
+        message = message or "error"
         super().__init__(message)
         self.message = message
         if status is not None:
-            self.status = status
+            self.status = int(status)
         if code is not None:
             self.code = code
         self.details = details

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
-from xml.sax.saxutils import escape, quoteattr
+from xml.sax.saxutils import escape
 
 WIDTH = 760
 MARGIN = 24
@@ -66,6 +66,30 @@ def _fmt_int(value: Any) -> str:
         return "0"
 
 
+def _fmt_count(value: Any) -> str:
+    """A count that fits its badge: 12,345 up to 99,999, then 412K, 4.1M, 1.2B."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        return "0"
+    if n < 100_000:
+        return f"{n:,}"
+    for div, suffix in ((1_000_000_000, "B"), (1_000_000, "M"), (1_000, "K")):
+        if n >= div:
+            v = n / div
+            return (f"{v:.1f}" if v < 10 else f"{v:.0f}") + suffix
+    return str(n)  # pragma: no cover
+
+
+def _fmt_time(value: Any) -> str:
+    text = str(value)
+    if "T" in text:
+        day, _, clock = text.partition("T")
+        clock = clock[:5]
+        return day if clock == "00:00" else f"{day} {clock}"
+    return text
+
+
 def _truncate(text: str, limit: int) -> str:
     text = " ".join(str(text or "").split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -76,7 +100,7 @@ def _period_text(report: Mapping[str, Any]) -> str:
     start, end = period.get("from"), period.get("to")
     if not start and not end:
         return "All time"
-    return f"{start or '…'} – {end or 'now'}"
+    return f"{_fmt_time(start) if start else '…'} – {_fmt_time(end) if end else 'now'} (UTC)"
 
 
 def _layout(report: Mapping[str, Any]) -> tuple[list[_Node], int]:
@@ -87,7 +111,7 @@ def _layout(report: Mapping[str, Any]) -> tuple[list[_Node], int]:
         name = n.get("name") or f"Step {idx}"
         nodes.append(_Node(
             step_index=idx,
-            title=_truncate(f"#{idx}  {name}", 38),
+            title=_truncate(f"#{idx}  {name}", 30),
             kind=KIND_LABELS.get(n.get("kind") or "", n.get("kind") or ""),
             counts={s: int(n.get(s) or 0) for s in STATES},
             y=y,
@@ -143,7 +167,7 @@ def render_svg(report: Mapping[str, Any]) -> str:
                 f'<rect x="{bx}" y="{y + 14}" width="{_BADGE_W - 8}" height="{NODE_H - 28}" rx="6" '
                 f'fill="{color}" fill-opacity="0.12" stroke="{color}"/>'
                 f'<text x="{bx + (_BADGE_W - 8) / 2}" y="{y + 40}" font-size="17" font-weight="bold" '
-                f'text-anchor="middle" fill="{color}">{_fmt_int(node.counts[state])}</text>'
+                f'text-anchor="middle" fill="{color}">{_fmt_count(node.counts[state])}</text>'
                 f'<text x="{bx + (_BADGE_W - 8) / 2}" y="{y + 56}" font-size="11" text-anchor="middle" '
                 f'fill="{color}">{LABELS[state]}</text></g>'
             )
@@ -219,7 +243,7 @@ def render_png(report: Mapping[str, Any], *, scale: int = 2) -> bytes:
             d.rounded_rectangle([bx * s, (y + 14) * s, (bx + _BADGE_W - 8) * s, (y + NODE_H - 14) * s],
                                 radius=6 * s, fill=_hex(color, 0.12), outline=_hex(color), width=s)
             cx = bx + (_BADGE_W - 8) / 2
-            text(cx, y + 40, _fmt_int(node.counts[state]), 17, color, bold=True, anchor="ms")
+            text(cx, y + 40, _fmt_count(node.counts[state]), 17, color, bold=True, anchor="ms")
             text(cx, y + 56, LABELS[state], 11, color, anchor="ms")
         if i + 1 < len(nodes):
             cx = WIDTH // 2
@@ -245,4 +269,4 @@ def node_count_summary(nodes: Sequence[Mapping[str, Any]]) -> list[tuple[int, di
     return [(int(n["step_index"]), {s: int(n.get(s) or 0) for s in STATES}) for n in nodes]
 
 
-__all__ = ["render_svg", "render_png", "node_count_summary", "STATES", "quoteattr"]
+__all__ = ["render_svg", "render_png", "node_count_summary", "STATES"]

@@ -8,19 +8,15 @@ ENDED = frozenset({"finished", "canceled", "failed", "unsubscribed", "duplicate"
 # Node state of the current node: waiting for these statuses, stopped for any other.
 WAITING = frozenset({"waiting_enrichment", "ready", "active_limit", "coworkers_limit", "in_progress", "paused"})
 
-_SEP = "\x1f"
-
 
 def change_id(event_id, kind, automation_id, contact_id, run, step_index, message_id, to) -> str:
-    """Stable hex id of a change: the same change re-emitted after a crash has the same id."""
-    raw = _SEP.join((
-        str(event_id), kind, str(automation_id), str(contact_id),
-        "" if run is None else str(run),
-        "" if step_index is None else str(step_index),
-        "" if message_id is None else str(message_id),
-        str(to),
-    ))
-    return blake2b(raw.encode(), digest_size=16).hexdigest()
+    """Stable hex id of a change: the same change re-emitted after a crash has the same id.
+
+    blake2b (16 bytes) of the fields joined by \x1f (None renders as ``None``).
+    """
+    return blake2b(
+        f"{event_id}\x1f{kind}\x1f{automation_id}\x1f{contact_id}\x1f{run}\x1f{step_index}\x1f{message_id}\x1f{to}"
+        .encode(), digest_size=16).hexdigest()
 
 
 def make_change(kind, automation_id, contact_id, run, step_index, message_id, frm, to, reason,

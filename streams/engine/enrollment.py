@@ -22,6 +22,7 @@ State layout (plain JSON-serializable dicts and lists; int keys stored as str)::
            "resumed": None | [at, event_id],                                          # latest
            "limit": None | [at, event_id, kind],                                      # latest
            "started_at": None | ms,                               # earliest
+           "claim_from": None | ms, "last_at": ms,                # run choice of run-less events
            "done": {"k": ms},                                     # per step index earliest
            "max_done": int (-1 when nothing is done),
            "sends": {message_id: [step_index, at, event_id]},     # union (earliest per id)
@@ -106,6 +107,8 @@ def _blank_run(n: int) -> dict:
         "resumed": None,
         "limit": None,
         "started_at": None,
+        "claim_from": None,
+        "last_at": -1,
         "done": {},
         "max_done": -1,
         "sends": {},
@@ -134,11 +137,13 @@ def _add_run(state: dict) -> dict:
 def _latest(state: dict, at: int) -> dict:
     """The run a contact/step event (which carries no run) belongs to.
 
-    The latest run enrolled at or before the event's time (a run without an
-    enrollment fact counts as enrolled at the beginning of time); when every
-    run was enrolled after it, the oldest run. With one run (the usual case)
-    that is the latest run, as the doc says; with several, a late or replayed
-    event of an older run does not leak into a newer one.
+    The latest run whose ``claim_from`` is at or before the event's time (run 0
+    claims from the beginning of time). A re-enrollment run claims from
+    max(its enrollment time, 1 + the latest event time already applied to the
+    previous run), fixed at creation. With one run (the usual case) that is
+    the latest run, as the doc says; with several, a late event of an older run
+    does not leak into a newer one, and a replayed event always finds the run
+    it was first applied to (replay stays a no-op).
     """
     runs = state["runs"]
     if not runs:
@@ -146,8 +151,8 @@ def _latest(state: dict, at: int) -> dict:
     if len(runs) == 1:
         return runs[0]
     for run in reversed(runs):
-        e = run["enrolled"]
-        if e is None or e["at"] <= at:
+        cf = run["claim_from"]
+        if cf is None or cf <= at:
             return run
     return runs[0]
 
@@ -309,7 +314,7 @@ def _refresh(state, run, steps, now, ctx, out) -> bool:
 _NONE = ()
 
 
-def _h_enrolled(state, ev, automation, steps, now, regs):
+def _h_enrolled(state, ev, automation, steps, now, regs, run):
     eid = ev["event_id"]
     runs = state["runs"]
     for r in runs:
@@ -328,6 +333,7 @@ def _h_enrolled(state, ev, automation, steps, now, regs):
         status = _status(latest, steps, now)[0]
         if status in ENDED and automation is not None and automation.get("participation") == "unlimited":
             run = _add_run(state)
+            run["claim_from"] = max(ev["occurred_at"], latest["last_at"] + 1)
         else:
             if len(ignored) < IGNORED_CAP:
                 ignored.append(eid)
@@ -346,8 +352,7 @@ def _h_enrolled(state, ev, automation, steps, now, regs):
     return True, (run,)
 
 
-def _h_enriched(state, ev, automation, steps, now, regs):
-    run = _latest(state, ev["occurred_at"])
+def _h_enriched(state, ev, automation, steps, now, regs, run):
     at = ev["occurred_at"]
     cur = run["enriched_at"]
     if cur is None or at < cur:
@@ -357,8 +362,7 @@ def _h_enriched(state, ev, automation, steps, now, regs):
 
 
 def _terminal_handler(status, fixed_reason, default_reason):
-    def handler(state, ev, automation, steps, now, regs):
-        run = _latest(state, ev["occurred_at"])
+    def handler(state, ev, automation, steps, now, regs, run):
         reason = fixed_reason or ev.get("reason") or default_reason
         if _set_terminal(run, ev["occurred_at"], ev["event_id"], status, reason, None, ev["type"]):
             return True, (run,)
@@ -366,43 +370,37 @@ def _terminal_handler(status, fixed_reason, default_reason):
     return handler
 
 
-def _h_limit_reached(state, ev, automation, steps, now, regs):
-    run = _latest(state, ev["occurred_at"])
+def _h_limit_reached(state, ev, automation, steps, now, regs, run):
     if _set_limit(run, ev["occurred_at"], ev["event_id"], ev.get("limit") or "active"):
         return True, (run,)
     return False, _NONE
 
 
-def _h_limit_released(state, ev, automation, steps, now, regs):
-    run = _latest(state, ev["occurred_at"])
+def _h_limit_released(state, ev, automation, steps, now, regs, run):
     if _set_limit(run, ev["occurred_at"], ev["event_id"], None):
         return True, (run,)
     return False, _NONE
 
 
-def _h_paused(state, ev, automation, steps, now, regs):
-    run = _latest(state, ev["occurred_at"])
+def _h_paused(state, ev, automation, steps, now, regs, run):
     if _set_hold(run, ev["occurred_at"], ev["event_id"], "paused", ev.get("reason") or "manual", ev.get("resume_at")):
         return True, (run,)
     return False, _NONE
 
 
-def _h_resumed(state, ev, automation, steps, now, regs):
-    run = _latest(state, ev["occurred_at"])
+def _h_resumed(state, ev, automation, steps, now, regs, run):
     if _set_resumed(run, ev["occurred_at"], ev["event_id"]):
         return True, (run,)
     return False, _NONE
 
 
-def _h_scheduled(state, ev, automation, steps, now, regs):
-    run = _latest(state, ev["occurred_at"])
+def _h_scheduled(state, ev, automation, steps, now, regs, run):
     if _set_started(run, ev["occurred_at"]):
         return True, (run,)
     return False, _NONE
 
 
-def _h_sent(state, ev, automation, steps, now, regs):
-    run = _latest(state, ev["occurred_at"])
+def _h_sent(state, ev, automation, steps, now, regs, run):
     at = ev["occurred_at"]
     eid = ev["event_id"]
     k = int(ev["step_index"])
@@ -447,8 +445,7 @@ def _h_sent(state, ev, automation, steps, now, regs):
     return changed, ((run,) if changed else _NONE)
 
 
-def _h_filtered(state, ev, automation, steps, now, regs):
-    run = _latest(state, ev["occurred_at"])
+def _h_filtered(state, ev, automation, steps, now, regs, run):
     at = ev["occurred_at"]
     changed = _set_started(run, at)
     k = ev.get("step_index")
@@ -457,8 +454,7 @@ def _h_filtered(state, ev, automation, steps, now, regs):
     return changed, ((run,) if changed else _NONE)
 
 
-def _h_not_sent(state, ev, automation, steps, now, regs):
-    run = _latest(state, ev["occurred_at"])
+def _h_not_sent(state, ev, automation, steps, now, regs, run):
     at = ev["occurred_at"]
     changed = _set_started(run, at)
     if _set_hold(run, at, ev["event_id"], "not_sent", ev.get("reason") or "not_sent", None):
@@ -466,8 +462,7 @@ def _h_not_sent(state, ev, automation, steps, now, regs):
     return changed, ((run,) if changed else _NONE)
 
 
-def _h_step_failed(state, ev, automation, steps, now, regs):
-    run = _latest(state, ev["occurred_at"])
+def _h_step_failed(state, ev, automation, steps, now, regs, run):
     at = ev["occurred_at"]
     changed = _set_started(run, at)
     k = ev.get("step_index")
@@ -477,7 +472,7 @@ def _h_step_failed(state, ev, automation, steps, now, regs):
     return changed, ((run,) if changed else _NONE)
 
 
-def _h_outcome(state, ev, automation, steps, now, regs):
+def _h_outcome(state, ev, automation, steps, now, regs, run):
     runs = state["runs"]
     n = ev.get("run")
     if n is None:
@@ -508,7 +503,7 @@ def _open_runs(state, steps, now):
     return [r for r in state["runs"] if _status(r, steps, now)[0] not in ENDED]
 
 
-def _h_automation_paused(state, ev, automation, steps, now, regs):
+def _h_automation_paused(state, ev, automation, steps, now, regs, run):
     touched = []
     for run in _open_runs(state, steps, now):
         if _set_hold(run, ev["occurred_at"], ev["event_id"], "paused", "automation_paused", None):
@@ -516,7 +511,7 @@ def _h_automation_paused(state, ev, automation, steps, now, regs):
     return bool(touched), touched
 
 
-def _h_automation_resumed(state, ev, automation, steps, now, regs):
+def _h_automation_resumed(state, ev, automation, steps, now, regs, run):
     touched = []
     for run in _open_runs(state, steps, now):
         if _set_resumed(run, ev["occurred_at"], ev["event_id"]):
@@ -524,7 +519,7 @@ def _h_automation_resumed(state, ev, automation, steps, now, regs):
     return bool(touched), touched
 
 
-def _h_automation_archived(state, ev, automation, steps, now, regs):
+def _h_automation_archived(state, ev, automation, steps, now, regs, run):
     touched = []
     for run in _open_runs(state, steps, now):
         settled = run["settled"]
@@ -564,13 +559,14 @@ _HANDLERS = {
 }
 
 _FAN_OUT = frozenset({"automation.paused", "automation.resumed", "automation.archived"})
+# Contact and step events: they carry no run, the engine picks it (_latest).
+_RUN_LESS = frozenset(t for t in _HANDLERS if (t.startswith("contact.") or t.startswith("step."))
+                      and t != "contact.enrolled")
 
 
 def _fan_out(inner):
     """Fan-outs apply to the runs open when processed; their ids are kept so a replay is a no-op."""
-    def handler(state, ev, automation, steps, now, regs):
-        if not state["runs"]:
-            return False, _NONE
+    def handler(state, ev, automation, steps, now, regs, run):
         seen = state["fanouts"]
         eid = ev["event_id"]
         if eid in seen:
@@ -578,7 +574,7 @@ def _fan_out(inner):
         seen.append(eid)
         if len(seen) > FANOUT_CAP:
             del seen[0]
-        _changed, touched = inner(state, ev, automation, steps, now, regs)
+        _changed, touched = inner(state, ev, automation, steps, now, regs, None)
         return True, touched
     return handler
 
@@ -605,12 +601,9 @@ def _auto_resume(state, steps, old_now, now, out, inclusive_all=False) -> bool:
 def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int | None = None) -> Result:
     etype = event["type"]
     handler = _HANDLERS.get(etype)
-    if state is None:
+    fresh = state is None
+    if fresh:
         state = _new_state(event)
-        if handler is None or etype in _FAN_OUT:
-            return Result(state, False, [], [])
-    elif handler is None:
-        return Result(state, False, [], [])
     at = event["occurred_at"]
     old_now = state["now"]
     now = old_now
@@ -618,6 +611,9 @@ def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int 
         now = at
     if now_ms is not None and now_ms > now:
         now = now_ms
+    if handler is None:
+        state["now"] = now
+        return Result(state, False, [], [])
     steps = _steps(automation)
     changes: list = []
     regs: list = []
@@ -626,7 +622,21 @@ def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int 
         state["now"] = now
         if state["runs"]:
             changed = _auto_resume(state, steps, old_now, now, changes)
-    facts_changed, touched = handler(state, event, automation, steps, now, regs)
+    n_runs = len(state["runs"])
+    run = None
+    if etype in _RUN_LESS:
+        run = _latest(state, at)
+        if at > run["last_at"]:
+            run["last_at"] = at
+            changed = True
+    facts_changed, touched = handler(state, event, automation, steps, now, regs, run)
+    runs = state["runs"]
+    if len(runs) != n_runs:  # a run was created (maybe with orphan outcomes merged into it)
+        facts_changed = True
+        touched = list(touched)
+        for r in runs[n_runs:]:
+            if r not in touched:
+                touched.append(r)
     if facts_changed:
         changed = True
         ctx = (event["event_id"], etype, at)

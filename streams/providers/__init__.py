@@ -2,7 +2,7 @@
 
 The HTTP layer calls :func:`handle` for ``POST /webhooks/{provider}``::
 
-    result = handle(provider, request.headers, body, request.content_type, config, now=time.time())
+    result = handle(provider, request.headers, body, request.content_type, config, now=request_received_at)  # epoch seconds, read by the HTTP layer
 
 and then
 

@@ -64,6 +64,7 @@ class WebhookConfig:
     postmark_auth: str | None = None         # "user:password" expected in HTTP basic auth
     ses_cert_pem: bytes | None = None        # PEM of the SNS signing certificate(s) to trust
     max_age_seconds: int = 600               # allowed clock distance of signed timestamps
+    ses_topic_arns: frozenset[str] | None = None  # optional allowlist of SNS TopicArns (None = any)
 
 
 @dataclass(frozen=True)
@@ -125,15 +126,15 @@ def parse_json(provider: str, body: bytes) -> Any:
 
 def check_age(provider: str, timestamp: float, now: float, max_past: float, max_future: float) -> None:
     """403 when a signed timestamp is further from ``now`` than allowed (replay protection)."""
-    if not math.isfinite(timestamp):
+    if not math.isfinite(timestamp) or not math.isfinite(now):
         raise WebhookError(403, "bad_timestamp", f"{provider} webhook timestamp is not a number")
     age = now - timestamp
-    if age > max_past:
+    if not age <= max_past:
         raise WebhookError(
             403, "stale_timestamp",
             f"{provider} webhook timestamp is {int(age)}s old (more than {int(max_past)}s); refused as a possible replay",
         )
-    if -age > max_future:
+    if not -age <= max_future:
         raise WebhookError(
             403, "stale_timestamp",
             f"{provider} webhook timestamp is {int(-age)}s in the future (more than {int(max_future)}s); check clocks",

@@ -43,7 +43,7 @@ import binascii
 import hmac
 
 from .common import (
-    Unmapped, WebhookConfig, WebhookError, WebhookResult, as_dict, as_str, clean_email,
+    Unmapped, WebhookConfig, WebhookError, WebhookResult, as_str, clean_email,
     extract_tags, iso_to_rfc3339, join_reason, make_event, not_configured, parse_json,
     require_media_type, stable_hash, unknown,
 )

@@ -24,6 +24,13 @@ sendtrail does not fetch the URL; an operator confirms the subscription by
 opening it (the HTTP layer logs it and returns it with a 200).
 ``UnsubscribeConfirmation`` gives ``{"action": "unsubscribe_confirmation", ...}``.
 
+Note: the SNS certificate is AWS's, shared by every AWS account in the region,
+so a valid signature proves the message came from SNS, not from *your* topic.
+Since sendtrail never auto-confirms subscriptions, another account's topic
+cannot deliver here unless an operator confirms it: confirm only your own
+``topic_arn``. ``WebhookConfig.ses_topic_arns`` (optional allowlist) makes this
+explicit: messages from other topics are refused with 403 ``unexpected_topic``.
+
 The ``Message`` is SES's JSON (``eventType`` for configuration-set event
 publishing, ``notificationType`` for identity notifications); one canonical
 event per affected recipient:
@@ -157,6 +164,8 @@ def handle(headers: dict[str, str], body: bytes, content_type: str, config: Webh
         raise WebhookError(400, "malformed_body",
                            f"x-amz-sns-message-type {header_type!r} does not match the body Type")
     verify(msg, config, now)
+    if config.ses_topic_arns is not None and msg["TopicArn"] not in config.ses_topic_arns:
+        raise WebhookError(403, "unexpected_topic", f"SNS topic {msg['TopicArn']!r} is not in the allowed topics")
     kind = msg["Type"]
     if kind == "SubscriptionConfirmation":
         return WebhookResult(reply={

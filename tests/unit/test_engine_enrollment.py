@@ -364,9 +364,14 @@ def test_late_step_event_of_older_run_stays_in_that_run():
     assert nodes(s, UNLIMITED, 1) == {0: "waiting"}
 
 
-def test_fan_out_on_unseen_key_creates_nothing():
-    r = E.apply(None, ev("automation.paused", 1), ONCE)
-    assert not r.changed and r.state["runs"] == [] and E.view(r.state, ONCE) == []
+def test_fan_out_on_unseen_key_creates_no_run_and_is_remembered():
+    e = ev("automation.paused", 1)
+    r = E.apply(None, e, ONCE)
+    assert r.changes == [] and r.state["runs"] == [] and E.view(r.state, ONCE) == []
+    s, _, _ = run_seq([enrolled()], state=r.state)
+    assert status(s) == ("ready", None)
+    r = E.apply(s, e, ONCE)  # replayed after the run exists: still nothing
+    assert not r.changed and status(r.state) == ("ready", None)
 
 
 def test_archived_cancels_waiting_contact():
@@ -564,3 +569,16 @@ def test_unknown_event_type_is_ignored():
     s, _, _ = run_seq([enrolled()])
     r = E.apply(s, ev("contact.something_new", 1), ONCE)
     assert not r.changed and r.changes == []
+
+
+def test_event_applied_before_a_reenrollment_replays_as_noop():
+    # step.sent at 10 reaches run 0 before the re-enrollment at 5 is processed; replaying it must not move it.
+    sent = ev("step.sent", 10, eid="late", step_index=0)
+    s, _, _ = run_seq([enrolled(eid="en1"), ev("contact.finished", 1, reason="manual"), sent,
+                       ev("contact.enrolled", 5, eid="en2")], automation=UNLIMITED)
+    snap = orjson.dumps(s)
+    r = E.apply(s, dict(sent), UNLIMITED)
+    assert not r.changed and r.changes == [] and orjson.dumps(r.state) == snap
+    # later events of the new run go to it
+    s, _, _ = run_seq([ev("step.sent", 20, step_index=0)], automation=UNLIMITED, state=s)
+    assert nodes(s, UNLIMITED, 1) == {0: "done", 1: "waiting"}

@@ -578,3 +578,18 @@ def test_deleting_one_field_gives_event_or_rejection(data):
         assert isinstance(r, Rejection)
     else:
         assert isinstance(r, dict)
+
+
+def test_step_indexes_must_run_from_zero_without_gaps():
+    import copy
+
+    from schemas.examples import EXAMPLES
+    from schemas.parser import Rejection, parse_object
+
+    ev = copy.deepcopy(EXAMPLES["automation.published"])
+    ev["steps"] = [dict(ev["steps"][0], index=0), dict(ev["steps"][0], index=2)]
+    res = parse_object(ev)
+    assert isinstance(res, Rejection) and res.reason == "bad_value" and "without gaps" in res.detail
+    ev["steps"] = [dict(ev["steps"][0], index=1), dict(ev["steps"][0], index=0)]
+    ok = parse_object(ev)
+    assert not isinstance(ok, Rejection) and [s["index"] for s in ok["steps"]] == [0, 1]

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from streams.providers import WebhookError, handle
 from tests.unit.provider_helpers import (
-    MAILGUN_KEY, NOW, assert_contract, assert_unknown, config, fixture, mailgun_body, mailgun_signature,
+    NOW, assert_contract, assert_unknown, config, fixture, mailgun_body, mailgun_signature,
 )
 
 P = "mailgun"

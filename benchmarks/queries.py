@@ -1,0 +1,278 @@
+"""Report-query and export benchmark over 10 million recipient rows (embedded chDB).
+
+    python benchmarks/queries.py [--rows 10000000] [--runs 20] [--path DIR] [--keep]
+
+Loads a synthetic dataset with ``INSERT ... SELECT FROM numbers()`` into a
+fresh chDB path (migrated with ``sendtrail.migrate``):
+
+* recipients and messages: ``--rows`` rows each (one message per recipient),
+  4 steps per contact, so ``rows / 4`` contacts and enrollments;
+* automations: ``a0`` holds half the rows, ``a1`` 1,000,000 rows (the export),
+  ``a2`` 100,000 rows (the small export), ``a3``..``a9`` the rest;
+* node_states: every step done, except every 5th contact waits at step 3.
+
+Then prints the median latency (``--runs`` runs, after one warm-up) of each
+endpoint's queries as the API runs them (``sendtrail.api.queries.Queries``,
+including the ``total`` count), twice: as loaded (parts not merged) and after
+``OPTIMIZE ... FINAL``; the ZIP export of 1,000,000 and of 100,000 rows
+through the real HTTP route (rows/s, bytes, RSS growth sampled every 10 ms).
+The last line is one JSON object with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sendtrail.api.queries import Page, Period, Queries  # noqa: E402
+from sendtrail.api.routes import add_routes, make_deps_for_client  # noqa: E402
+from sendtrail.clickhouse import connect  # noqa: E402
+from sendtrail.migrate import migrate  # noqa: E402
+
+DB = "bench"
+TARGET_MS = 100.0
+TARGET_EXPORT_ROWS_S = 300_000
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssSampler:
+    def __init__(self, every: float = 0.01):
+        self.every = every
+        self.base = rss_bytes()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.every)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def load(client, rows: int) -> dict:
+    contacts = rows // 4
+    a0_end = contacts // 2
+    a1_end = a0_end + 250_000
+    a2_end = a1_end + 25_000
+    # automation of contact k
+    auto = (f"multiIf(k < {a0_end}, 'a0', k < {a1_end}, 'a1', k < {a2_end}, 'a2', "
+            "concat('a', toString(3 + k % 7)))")
+    base = "toDateTime64('2024-01-01 00:00:00', 3, 'UTC')"
+    t = time.perf_counter()
+    steps = json.dumps([{"index": i, "name": f"Step {i}", "kind": "email", "day": 3 * i} for i in range(4)])
+    client.command(
+        f"INSERT INTO {DB}.automations SELECT concat('a', toString(number)), concat('Automation ', toString(number)), "
+        f"NULL, 'unlimited', {base}, NULL, 'bench', 1, {{steps:String}}, 'active', {base}, 1 FROM numbers(10)",
+        parameters={"steps": steps})
+    # recipients: n -> contact k = n / 4, step = n % 4
+    client.command(
+        f"INSERT INTO {DB}.recipients SELECT concat('r', toString(n)) AS recipient_id, {auto} AS automation_id, "
+        "0, concat('c', toString(k)), concat('u', toString(k)), concat('User ', toString(cityHash64(k) % 1000000)), "
+        "concat('c', toString(k), '@example.com'), step, concat('{\"day\":', toString(step * 3), ',\"inactive_days\":0}'), "
+        "concat('m', toString(n)), 'email', concat(automation_id, ':', toString(step)), "
+        f"{base} + toIntervalSecond(k * 2 + step * 259200), '{{\"campaign\":\"bench\"}}', 0, n, 1 "
+        f"FROM (SELECT number AS n, intDiv(number, 4) AS k, number % 4 AS step FROM numbers({rows}))",
+        settings={"max_insert_threads": 2})
+    t_rec = time.perf_counter() - t
+    client.command(
+        f"INSERT INTO {DB}.messages SELECT concat('m', toString(n)), concat(automation_id, ':', toString(step)), "
+        f"{auto} AS automation_id, 0, concat('c', toString(k)), step, concat('Subject ', toString(step)), 'alice', "
+        "'alice@example.com', concat('c', toString(k), '@example.com'), concat('User ', toString(cityHash64(k) % 1000000)), "
+        "'email', multiIf(n % 50 = 0, 'bounced', n % 7 = 0, 'clicked', n % 3 = 0, 'opened', 'delivered'), "
+        f"sent + toIntervalHour(1), sent, if(n % 50 = 0, NULL, sent + toIntervalMinute(5)), "
+        "if(n % 97 = 0, sent, NULL), if(n % 3 = 0 OR n % 7 = 0, sent + toIntervalHour(1), NULL), "
+        "if(n % 7 = 0, sent + toIntervalHour(1), NULL), if(n % 50 = 0, sent + toIntervalMinute(1), NULL), "
+        "NULL, NULL, NULL, NULL, NULL, NULL, if(n % 50 = 0, 'hard', NULL), NULL, "
+        "if(n % 3 = 0, 1, 0), if(n % 7 = 0, 1, 0), sent, 1 "
+        f"FROM (SELECT number AS n, intDiv(number, 4) AS k, number % 4 AS step, "
+        f"{base} + toIntervalSecond(intDiv(number, 4) * 2 + (number % 4) * 259200) AS sent FROM numbers({rows}))",
+        settings={"max_insert_threads": 2})
+    client.command(
+        f"INSERT INTO {DB}.enrollments SELECT {auto}, concat('c', toString(k)), 0, "
+        "if(k % 5 = 0, 'in_progress', 'finished'), if(k % 5 = 0, NULL, 'completed'), if(k % 5 = 0, 3, -1), "
+        "concat('User ', toString(cityHash64(k) % 1000000)), concat('c', toString(k), '@example.com'), "
+        f"concat('u', toString(k)), {base} + toIntervalSecond(k * 2), {base} + toIntervalSecond(k * 2 + 800000), NULL, "
+        f"{base} + toIntervalSecond(k * 2 + 800000), 0, 1 FROM (SELECT number AS k FROM numbers({contacts}))")
+    client.command(
+        f"INSERT INTO {DB}.node_states SELECT {auto}, concat('c', toString(k)), 0, step, "
+        "if(k % 5 = 0 AND step = 3, 'waiting', 'done'), "
+        f"{base} + toIntervalSecond(k * 2 + step * 259200), 1 "
+        f"FROM (SELECT intDiv(number, 4) AS k, number % 4 AS step FROM numbers({rows}))")
+    client.command(
+        f"INSERT INTO {DB}.contacts SELECT concat('c', toString(number)), concat('u', toString(number)), "
+        "concat('User ', toString(cityHash64(number) % 1000000)), concat('c', toString(number), '@example.com'), "
+        f"NULL, '{{}}', {base}, 1 FROM numbers({contacts})")
+    client.command(
+        f"INSERT INTO {DB}.status_changes SELECT concat('ch', toString(number)), 'contact_status', {auto}, "
+        "concat('c', toString(k)), 0, NULL, NULL, NULL, 'in_progress', NULL, concat('e', toString(number)), "
+        f"'step.sent', {base} + toIntervalSecond(number) FROM (SELECT number, number AS k FROM numbers({contacts}))")
+    return {"load_seconds": round(time.perf_counter() - t, 1), "recipients_insert_seconds": round(t_rec, 1),
+            "contacts": contacts}
+
+
+def parts(client) -> dict:
+    rows = client.query(
+        "SELECT table, count() FROM system.parts WHERE database = {db:String} AND active GROUP BY table",
+        parameters={"db": DB}).result_rows
+    return dict(rows)
+
+
+def bench_queries(deps, runs: int) -> dict:
+    q = Queries(deps)
+    cases = {
+        "recipients_page_step_sent_time_desc": lambda: q.recipients(
+            "a0", step=2, contact_id=None, q=None, period=Period(), page=Page(50, 0, "sent_time", "DESC")),
+        "recipients_page_sent_time_desc": lambda: q.recipients(
+            "a0", step=None, contact_id=None, q=None, period=Period(), page=Page(50, 0, "sent_time", "DESC")),
+        "recipients_contact_lookup": lambda: q.recipients(
+            "a0", step=None, contact_id="c777", q=None, period=Period(), page=Page(50, 0, "sent_time", "DESC")),
+        "report_nodes": lambda: q.report("a0", Period()),
+        "mailings_table": lambda: q.mailings(automation_id=None, step=None, q=None, period=Period(),
+                                             page=Page(50, 0, "date", "DESC")),
+        "mailings_of_automation": lambda: q.mailings(automation_id="a0", step=None, q=None, period=Period(),
+                                                     page=Page(50, 0, "date", "DESC")),
+        "mailing_recipients_by_name": lambda: q.mailing_recipients(
+            "a0:0", status=None, q=None, page=Page(50, 0, "name", "ASC")),
+        "contact_card": lambda: q.contact_automations("c777", page=Page(50, 0)),
+        "automation_contacts": lambda: q.contacts("a0", status=None, q=None, run=None,
+                                                  page=Page(50, 0, "updated_at", "DESC")),
+        "node_contacts_waiting": lambda: q.node_contacts("a0", 3, state="waiting", period=Period(),
+                                                         page=Page(50, 0, "at", "DESC"), sort_key="at"),
+        "automation_detail": lambda: q.automation_detail("a0"),
+        "health": lambda: q.health("a0", cutoff=__import__("datetime").datetime(2024, 6, 1),
+                                   page=Page(50, 0)),
+    }
+
+    async def run_all() -> dict:
+        out = {}
+        for name, fn in cases.items():
+            await fn()  # warm-up
+            times = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                await fn()
+                times.append((time.perf_counter() - t) * 1000)
+            out[name] = round(statistics.median(times), 1)
+            print(f"  {name:45s} median {out[name]:8.1f} ms  (min {min(times):.1f}, max {max(times):.1f})",
+                  flush=True)
+        return out
+
+    return asyncio.run(run_all())
+
+
+def bench_export(deps, automation_id: str) -> dict:
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def run() -> dict:
+        app = web.Application()
+        add_routes(app, deps)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+            with RssSampler() as rss:
+                t = time.perf_counter()
+                resp = await c.get(f"/api/v1/automations/{automation_id}/recipients/export")
+                assert resp.status == 200, await resp.text()
+                size = 0
+                tail = b""
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    size += len(chunk)
+                    tail = (tail + chunk)[-(1 << 16):]
+                seconds = time.perf_counter() - t
+        return {"seconds": seconds, "bytes": size, "rss_growth": rss.peak - rss.base, "rss_peak": rss.peak,
+                "tail": tail}
+
+    return asyncio.run(run())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=10_000_000)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--path", default=None, help="chDB directory (default: a fresh temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the chDB directory")
+    ap.add_argument("--skip-optimize", action="store_true")
+    args = ap.parse_args()
+
+    path = args.path or tempfile.mkdtemp(prefix="sendtrail-bench-")
+    if Path(path).exists() and any(Path(path).iterdir()):
+        shutil.rmtree(path)
+    url = f"chdb://{path}"
+    result: dict = {"rows": args.rows, "runs": args.runs, "cpus": os.cpu_count()}
+    client = connect(url, database=DB)
+    try:
+        migrate(client, DB)
+        print(f"loading {args.rows:,} recipient rows into {path} ...", flush=True)
+        result.update(load(client, args.rows))
+        counts = dict(client.query(
+            "SELECT 'recipients', count() FROM bench.recipients UNION ALL SELECT 'messages', count() FROM bench.messages "
+            "UNION ALL SELECT 'enrollments', count() FROM bench.enrollments UNION ALL SELECT 'node_states', count() "
+            "FROM bench.node_states").result_rows)
+        result["table_rows"] = counts
+        print(f"loaded in {result['load_seconds']} s: {counts}", flush=True)
+        deps = make_deps_for_client(client, DB, client_factory=lambda: connect(url, database=DB),
+                                    now=lambda: 1717200000.0)
+
+        result["parts_as_loaded"] = parts(client)
+        print(f"query medians as loaded (parts: {result['parts_as_loaded']}):", flush=True)
+        result["query_ms_as_loaded"] = bench_queries(deps, args.runs)
+
+        if not args.skip_optimize:
+            t = time.perf_counter()
+            for table in ("recipients", "messages", "enrollments", "node_states", "status_changes"):
+                client.command(f"OPTIMIZE TABLE {DB}.{table} FINAL")
+            result["optimize_seconds"] = round(time.perf_counter() - t, 1)
+            result["parts_merged"] = parts(client)
+            print(f"query medians after OPTIMIZE FINAL ({result['optimize_seconds']} s):", flush=True)
+            result["query_ms_merged"] = bench_queries(deps, args.runs)
+
+        exports = {}
+        for automation_id in ("a2", "a1"):
+            n = client.query("SELECT count() FROM bench.recipients FINAL WHERE automation_id = {a:String}",
+                             parameters={"a": automation_id}).result_rows[0][0]
+            r = bench_export(deps, automation_id)
+            assert r["tail"][-22:-18] == b"PK\x05\x06" or b"PK\x05\x06" in r["tail"], "ZIP end record missing"
+            exports[str(n)] = {
+                "rows": n, "seconds": round(r["seconds"], 2), "rows_per_s": round(n / r["seconds"]),
+                "zip_mb": round(r["bytes"] / 1e6, 1), "rss_growth_mb": round(r["rss_growth"] / 1e6, 1),
+                "rss_peak_mb": round(r["rss_peak"] / 1e6, 1),
+            }
+            print(f"export {n:,} rows: {exports[str(n)]}", flush=True)
+        result["export"] = exports
+        final = result.get("query_ms_merged") or result["query_ms_as_loaded"]
+        result["slow_queries_merged"] = {k: v for k, v in final.items() if v >= TARGET_MS}
+        result["slow_queries_as_loaded"] = {k: v for k, v in result["query_ms_as_loaded"].items() if v >= TARGET_MS}
+        big = max(exports.values(), key=lambda e: e["rows"])
+        result["export_rows_per_s"] = big["rows_per_s"]
+        result["export_target_met"] = big["rows_per_s"] >= TARGET_EXPORT_ROWS_S
+    finally:
+        client.close()
+        if not args.keep and not args.path:
+            shutil.rmtree(path, ignore_errors=True)
+    print(json.dumps(result, separators=(",", ":")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,669 @@
+"""The SQL behind every report, and the shaping of its rows into JSON.
+
+Rules kept by every function here:
+
+* values from requests are passed as server-side parameters (``{name:Type}``);
+  the only text put into SQL is the database name (validated identifier) and
+  sort expressions taken from the allowlist dicts below;
+* latest-state tables (automations, contacts, recipients, enrollments,
+  node_states, messages, static lists) are read with ``FINAL``, so duplicate
+  rows from replays are never counted twice; append-only tables
+  (status_changes) too, since a re-emitted change is an identical row;
+* node states ``none`` (no longer at that node) are ignored.
+
+Period selection (``from`` inclusive, ``to`` exclusive, UTC) of the report:
+
+* ``nodes``: a run counts at a node in its latest state there (done, waiting,
+  filtered, stopped) when the time it reached that state (``node_states.at``:
+  the step's done time, the filter time, or the time it started waiting / was
+  stopped) lies in the period;
+* ``statuses`` and ``completion``: the cohort of runs *enrolled* in the period
+  (``enrolled_at``, or ``status_at`` when the enrollment event has not
+  arrived), by their current status / position;
+* without ``from``/``to`` everything counts.
+
+Completion is positional, as the recipients page defines it: ``completed`` =
+runs with every step done (status finished, reason completed),
+``in_progress`` = at least one step done and steps left, ``not_started`` =
+enrolled, no step done yet (at the first node), and ``left`` = runs that were
+filtered out of the flow before the end (not among the three).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import orjson
+
+from sendtrail.api.errors import BadRequest, NotFound
+from sendtrail.api.export import CSV_QUERY_SETTINGS, sql_csv_line
+
+NODE_STATES = ("done", "waiting", "filtered", "stopped")
+CONTACT_STATUSES = (
+    "waiting_enrichment", "ready", "active_limit", "coworkers_limit", "in_progress", "paused",
+    "not_sent", "bounced", "finished", "canceled", "failed", "unsubscribed", "duplicate",
+)
+MESSAGE_STATUSES = (
+    "dropped", "bounced", "spam_reported", "unsubscribed", "clicked", "opened", "delivered", "deferred", "sent",
+)
+MESSAGE_FLAGS = (
+    "sent", "delivered", "deferred", "opened", "clicked", "bounced", "dropped", "spam_reported",
+    "unsubscribed", "resubscribed", "replied", "auto_replied",
+)
+AUTOMATION_STATUSES = ("active", "paused", "archived")
+TIMELINE_KINDS = ("contact_status", "node_state", "message_status")
+
+TIME = "DateTime64(3, 'UTC')"
+
+# ---------------------------------------------------------------- allowlists
+# request value -> SQL expression (trusted text)
+
+AUTOMATION_SORTS = {"name": "name", "start_at": "start_at", "updated_at": "updated_at",
+                    "status": "status", "automation_id": "automation_id"}
+RECIPIENT_SORTS = {"sent_time": "sent_time", "step_index": "step_index", "user_name": "user_name",
+                   "email": "email"}
+CONTACT_SORTS = {"updated_at": "updated_at", "status_at": "status_at", "enrolled_at": "enrolled_at",
+                 "name": "name", "email": "email", "status": "status", "contact_id": "contact_id",
+                 "current_step": "current_step"}
+# node-contact sorts that only need node_states (page first, then join)
+NODE_CONTACT_NODE_SORTS = {"at": "at", "state_at": "at", "contact_id": "contact_id", "state": "state"}
+NODE_CONTACT_JOIN_SORTS = {"name": "name", "email": "email", "status": "status", "updated_at": "updated_at"}
+NODE_CONTACT_SORTS = {**NODE_CONTACT_NODE_SORTS, **NODE_CONTACT_JOIN_SORTS}
+MAILING_SORTS = {"date": "date", "subject": "subject", "total_sent": "total_sent", "delivered": "delivered",
+                 "opened": "opened", "clicked": "clicked", "bounced": "bounced", "mailing_id": "mailing_id",
+                 "step_index": "step_index"}
+_STATUS_RANK = "indexOf(['" + "','".join(MESSAGE_STATUSES) + "'], status)"
+MAILING_RECIPIENT_SORTS = {"name": "name", "email": "email", "status": _STATUS_RANK, "date": "status_at",
+                           "status_at": "status_at", "sent_at": "sent_at"}
+MESSAGE_SORTS = {"sent_at": "sent_at", "status_at": "status_at", "status": _STATUS_RANK, "subject": "subject"}
+TIMELINE_SORTS = {"occurred_at": "occurred_at"}
+LIST_MEMBER_SORTS = {"contact_id": "contact_id", "name": "name", "email": "email"}
+STATIC_LIST_SORTS = {"created_at": "created_at", "name": "name", "count": "count"}
+
+
+# ---------------------------------------------------------------- helpers
+
+def sql_time(value: _dt.datetime) -> str:
+    """A parameter value for ``{x:DateTime64(3, 'UTC')}``."""
+    if value.tzinfo is not None:
+        value = value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+    return value.strftime("%Y-%m-%d %H:%M:%S.") + f"{value.microsecond // 1000:03d}"
+
+
+def iso(value: Any) -> Any:
+    """Datetimes as RFC 3339 UTC with milliseconds (``2024-05-01T10:00:00.000Z``); other values unchanged."""
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+        return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    return value
+
+
+def json_field(text: Any) -> Any:
+    """A JSON column parsed (objects stay objects); text that is not JSON is returned as it is."""
+    if text is None or text == "":
+        return None if text is None else {}
+    if not isinstance(text, (str, bytes)):
+        return text
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+def shape(columns: Sequence[str], rows: Iterable[Sequence[Any]], json_cols: Iterable[str] = ()) -> list[dict]:
+    jc = set(json_cols)
+    out = []
+    for row in rows:
+        item = {}
+        for name, value in zip(columns, row):
+            if name in jc:
+                item[name] = json_field(value)
+            else:
+                item[name] = iso(value)
+        out.append(item)
+    return out
+
+
+@dataclass
+class Where:
+    """A WHERE clause built from trusted fragments and named parameters."""
+
+    parts: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, fragment: str, **params: Any) -> "Where":
+        self.parts.append(fragment)
+        self.params.update(params)
+        return self
+
+    def sql(self, keyword: str = "WHERE") -> str:
+        return f"{keyword} " + " AND ".join(self.parts) if self.parts else ""
+
+
+@dataclass(frozen=True)
+class Page:
+    limit: int = 50
+    offset: int = 0
+    sort: str = ""          # SQL expression from an allowlist
+    order: str = "DESC"     # ASC | DESC
+
+
+@dataclass(frozen=True)
+class Period:
+    start: _dt.datetime | None = None
+    end: _dt.datetime | None = None
+
+    def apply(self, where: Where, column: str, prefix: str = "p") -> Where:
+        if self.start is not None:
+            where.add(f"{column} >= {{{prefix}_from:{TIME}}}", **{f"{prefix}_from": sql_time(self.start)})
+        if self.end is not None:
+            where.add(f"{column} < {{{prefix}_to:{TIME}}}", **{f"{prefix}_to": sql_time(self.end)})
+        return where
+
+    def as_json(self) -> dict[str, Any]:
+        return {"from": iso(self.start), "to": iso(self.end)}
+
+
+class Queries:
+    """All report queries over one database, through an :class:`~sendtrail.api.routes.ApiDeps`."""
+
+    def __init__(self, deps: Any):
+        from sendtrail.clickhouse import check_identifier
+
+        self.deps = deps
+        self.db = check_identifier(deps.database)
+
+    def t(self, table: str) -> str:
+        return f"`{self.db}`.{table}"
+
+    async def _rows(self, sql: str, params: Mapping[str, Any]) -> tuple[list[str], list[tuple]]:
+        cols, rows = await self.deps.query_columns(sql, dict(params))
+        return list(cols), list(rows)
+
+    async def _scalar(self, sql: str, params: Mapping[str, Any]) -> Any:
+        rows = await self.deps.query(sql, dict(params))
+        return rows[0][0] if rows else None
+
+    # ------------------------------------------------------------ automations
+
+    _AUTOMATION_COLS = ("automation_id, name, description, participation, start_at, end_at, published_by, "
+                        "version, status, steps, updated_at")
+
+    async def list_automations(self, *, status: str | None, q: str | None, page: Page) -> dict:
+        w = Where()
+        if status:
+            w.add("status = {status:String}", status=status)
+        if q:
+            w.add("positionCaseInsensitiveUTF8(name, {q:String}) > 0", q=q)
+        cols, rows = await self._rows(
+            f"SELECT {self._AUTOMATION_COLS} FROM {self.t('automations')} FINAL {w.sql()} "
+            f"ORDER BY {page.sort} {page.order}, automation_id {page.order} "
+            "LIMIT {limit:UInt64} OFFSET {offset:UInt64}",
+            {**w.params, "limit": page.limit, "offset": page.offset},
+        )
+        total = await self._scalar(f"SELECT count() FROM {self.t('automations')} FINAL {w.sql()}", w.params)
+        return {"items": shape(cols, rows, ("steps",)), "total": int(total or 0)}
+
+    async def automation(self, automation_id: str) -> dict | None:
+        cols, rows = await self._rows(
+            f"SELECT {self._AUTOMATION_COLS} FROM {self.t('automations')} FINAL "
+            "WHERE automation_id = {a:String} LIMIT 1",
+            {"a": automation_id},
+        )
+        if not rows:
+            return None
+        item = shape(cols, rows, ("steps",))[0]
+        if not isinstance(item.get("steps"), list):
+            item["steps"] = []
+        item["steps"] = sorted((s for s in item["steps"] if isinstance(s, dict)),
+                               key=lambda s: int(s.get("index", 0) or 0))
+        return item
+
+    async def require_automation(self, automation_id: str) -> dict:
+        """The automation's properties; 404 when nothing at all is known about it.
+
+        Enrollments or sends may arrive before ``automation.published``: then
+        the properties are placeholders (name = id, no steps) rather than a 404.
+        """
+        found = await self.automation(automation_id)
+        if found is not None:
+            return found
+        known = await self._scalar(
+            f"SELECT (SELECT count() FROM (SELECT 1 FROM {self.t('enrollments')} WHERE automation_id = {{a:String}} LIMIT 1))"
+            f" + (SELECT count() FROM (SELECT 1 FROM {self.t('recipients')} WHERE automation_id = {{a:String}} LIMIT 1))",
+            {"a": automation_id},
+        )
+        if not known:
+            raise NotFound(f"automation {automation_id!r} not found")
+        return {"automation_id": automation_id, "name": automation_id, "description": None, "participation": None,
+                "start_at": None, "end_at": None, "published_by": None, "version": None, "status": None,
+                "steps": [], "updated_at": None}
+
+    async def automation_detail(self, automation_id: str) -> dict:
+        props = await self.require_automation(automation_id)
+        p = {"a": automation_id}
+        rows = await self.deps.query(
+            f"SELECT count(), uniqExact(contact_id), sum(ignored_enrollments) FROM {self.t('enrollments')} FINAL "
+            "WHERE automation_id = {a:String}", p)
+        runs, contacts, ignored = rows[0] if rows else (0, 0, 0)
+        status_rows = await self.deps.query(
+            f"SELECT status, count() FROM {self.t('enrollments')} FINAL WHERE automation_id = {{a:String}} "
+            "GROUP BY status ORDER BY status", p)
+        recipients = await self._scalar(
+            f"SELECT count() FROM {self.t('recipients')} FINAL WHERE automation_id = {{a:String}}", p)
+        return {
+            **props,
+            "totals": {
+                "contacts": int(contacts or 0),
+                "runs": int(runs or 0),
+                "recipients": int(recipients or 0),
+                "ignored_enrollments": int(ignored or 0),
+                "statuses": {s: int(n) for s, n in status_rows},
+            },
+        }
+
+    # ------------------------------------------------------------ recipients
+
+    RECIPIENT_COLS = ("recipient_id, automation_id, run, contact_id, user_id, user_name, email, step_index, "
+                      "step_details, message_id, channel, mailing_id, sent_time, metadata")
+
+    def _recipient_where(self, automation_id: str, *, step: int | None = None, contact_id: str | None = None,
+                         q: str | None = None, period: Period = Period()) -> Where:
+        w = Where().add("automation_id = {a:String}", a=automation_id)
+        if step is not None:
+            w.add("step_index = {step:UInt32}", step=step)
+        if contact_id:
+            w.add("contact_id = {contact:String}", contact=contact_id)
+        if q:
+            w.add("(positionCaseInsensitiveUTF8(email, {q:String}) > 0 "
+                  "OR positionCaseInsensitiveUTF8(user_name, {q:String}) > 0)", q=q)
+        period.apply(w, "sent_time")
+        return w
+
+    async def recipients(self, automation_id: str, *, step: int | None, contact_id: str | None, q: str | None,
+                         period: Period, page: Page) -> dict:
+        await self.require_automation(automation_id)
+        w = self._recipient_where(automation_id, step=step, contact_id=contact_id, q=q, period=period)
+        cols, rows = await self._rows(
+            f"SELECT {self.RECIPIENT_COLS} FROM {self.t('recipients')} FINAL {w.sql()} "
+            f"ORDER BY {page.sort} {page.order}, message_id {page.order} "
+            "LIMIT {limit:UInt64} OFFSET {offset:UInt64}",
+            {**w.params, "limit": page.limit, "offset": page.offset},
+        )
+        total = await self._scalar(f"SELECT count() FROM {self.t('recipients')} FINAL {w.sql()}", w.params)
+        return {"items": shape(cols, rows, ("step_details", "metadata")), "total": int(total or 0)}
+
+    RECIPIENT_CSV_HEADER = ("Recipient ID", "User ID", "User Name", "Email", "Step Index", "Step Details",
+                            "Sent Time", "Metadata", "Automation ID", "Run", "Contact ID", "Message ID",
+                            "Mailing ID", "Channel")
+    RECIPIENT_CSV_COLUMNS = (
+        ("recipient_id", "text"), ("user_id", "text"), ("user_name", "text"), ("email", "text"),
+        ("step_index", "raw"), ("step_details", "text"), ("sent_time", "raw"), ("metadata", "text"),
+        ("automation_id", "text"), ("run", "raw"), ("contact_id", "text"), ("message_id", "text"),
+        ("mailing_id", "text"), ("channel", "text"),
+    )
+
+    def recipients_csv_sql(self, automation_id: str, *, step: int | None = None, contact_id: str | None = None,
+                           q: str | None = None, period: Period = Period()) -> tuple[str, dict]:
+        """One CSV line per recipient row, rendered in ClickHouse, in (sent_time, message_id) order."""
+        w = self._recipient_where(automation_id, step=step, contact_id=contact_id, q=q, period=period)
+        return (
+            f"SELECT {sql_csv_line(self.RECIPIENT_CSV_COLUMNS)} FROM {self.t('recipients')} FINAL {w.sql()} "
+            f"ORDER BY sent_time, message_id {CSV_QUERY_SETTINGS}",
+            w.params,
+        )
+
+    # ------------------------------------------------------------ report
+
+    async def report(self, automation_id: str, period: Period) -> dict:
+        props = await self.require_automation(automation_id)
+        w = Where().add("automation_id = {a:String}", a=automation_id).add(
+            "state IN ('done', 'waiting', 'filtered', 'stopped')")
+        period.apply(w, "at")
+        node_rows = await self.deps.query(
+            f"SELECT step_index, state, count() FROM {self.t('node_states')} FINAL {w.sql()} "
+            "GROUP BY step_index, state", w.params)
+        counts: dict[int, dict[str, int]] = {}
+        for step_index, state, n in node_rows:
+            counts.setdefault(int(step_index), dict.fromkeys(NODE_STATES, 0))[state] = int(n)
+        nodes = []
+        seen = set()
+        for step in props["steps"]:
+            idx = int(step.get("index", 0) or 0)
+            seen.add(idx)
+            nodes.append({"step_index": idx, "name": step.get("name"), "kind": step.get("kind"),
+                          "day": step.get("day"), **counts.get(idx, dict.fromkeys(NODE_STATES, 0))})
+        for idx in sorted(set(counts) - seen):  # states for steps the definition does not list (yet)
+            nodes.append({"step_index": idx, "name": None, "kind": None, "day": None, **counts[idx]})
+
+        ew = Where().add("automation_id = {a:String}", a=automation_id)
+        period.apply(ew, "coalesce(enrolled_at, status_at)")
+        rows = await self.deps.query(
+            "SELECT status, count(), "
+            "countIf(status = 'finished' AND reason = 'completed'), "
+            "countIf(current_step > 0), countIf(current_step = 0), "
+            "countIf(current_step < 0 AND NOT (status = 'finished' AND ifNull(reason, '') = 'completed')) "
+            f"FROM {self.t('enrollments')} FINAL {ew.sql()} GROUP BY status ORDER BY status", ew.params)
+        statuses: dict[str, int] = {}
+        completed = in_progress = not_started = left = 0
+        for status, n, c, ip, ns, lf in rows:
+            statuses[status] = int(n)
+            completed += int(c)
+            in_progress += int(ip)
+            not_started += int(ns)
+            left += int(lf)
+        return {
+            "automation": props,
+            "period": period.as_json(),
+            "nodes": nodes,
+            "completion": {"completed": completed, "in_progress": in_progress, "not_started": not_started,
+                           "left": left, "runs": sum(statuses.values())},
+            "statuses": statuses,
+        }
+
+    # ------------------------------------------------------------ contacts of an automation
+
+    CONTACT_COLS = "contact_id, run, name, email, status, reason, current_step, enrolled_at, status_at, updated_at"
+
+    def _contacts_where(self, automation_id: str, status: str | None, q: str | None, run: int | None) -> Where:
+        w = Where().add("automation_id = {a:String}", a=automation_id)
+        if status:
+            w.add("status = {status:String}", status=status)
+        if run is not None:
+            w.add("run = {run:UInt32}", run=run)
+        if q:
+            w.add("(positionCaseInsensitiveUTF8(email, {q:String}) > 0 "
+                  "OR positionCaseInsensitiveUTF8(name, {q:String}) > 0 OR contact_id = {q:String})", q=q)
+        return w
+
+    async def contacts(self, automation_id: str, *, status: str | None, q: str | None, run: int | None,
+                       page: Page) -> dict:
+        await self.require_automation(automation_id)
+        w = self._contacts_where(automation_id, status, q, run)
+        cols, rows = await self._rows(
+            f"SELECT {self.CONTACT_COLS} FROM {self.t('enrollments')} FINAL {w.sql()} "
+            f"ORDER BY {page.sort} {page.order}, contact_id {page.order}, run {page.order} "
+            "LIMIT {limit:UInt64} OFFSET {offset:UInt64}",
+            {**w.params, "limit": page.limit, "offset": page.offset})
+        total = await self._scalar(f"SELECT count() FROM {self.t('enrollments')} FINAL {w.sql()}", w.params)
+        return {"items": shape(cols, rows), "total": int(total or 0)}
+
+    CONTACT_CSV_HEADER = ("Contact ID", "Run", "Name", "Email", "Status", "Reason", "Current Step",
+                          "Enrolled At", "Status At", "Updated At")
+    CONTACT_CSV_COLUMNS = (("contact_id", "text"), ("run", "raw"), ("name", "text"), ("email", "text"),
+                           ("status", "text"), ("ifNull(reason, '')", "text"), ("current_step", "raw"),
+                           ("enrolled_at", "raw"), ("status_at", "raw"), ("updated_at", "raw"))
+
+    def contacts_csv_sql(self, automation_id: str, *, status: str | None, q: str | None, run: int | None,
+                         sort: str, order: str) -> tuple[str, dict]:
+        w = self._contacts_where(automation_id, status, q, run)
+        return (f"SELECT {sql_csv_line(self.CONTACT_CSV_COLUMNS)} FROM {self.t('enrollments')} FINAL {w.sql()} "
+                f"ORDER BY {sort} {order}, contact_id {order}, run {order} {CSV_QUERY_SETTINGS}", w.params)
+
+    # ------------------------------------------------------------ contacts at a node
+
+    def _node_where(self, automation_id: str, step_index: int, state: str | None, period: Period) -> Where:
+        w = Where().add("automation_id = {a:String}", a=automation_id).add(
+            "step_index = {step:UInt32}", step=step_index)
+        if state:
+            w.add("state = {state:String}", state=state)
+        else:
+            w.add("state IN ('done', 'waiting', 'filtered', 'stopped')")
+        period.apply(w, "at")
+        return w
+
+    _NODE_JOIN = (
+        "SELECT n.contact_id AS contact_id, n.run AS run, e.name AS name, e.email AS email, "
+        "e.status AS status, e.reason AS reason, e.current_step AS current_step, e.updated_at AS updated_at, "
+        "n.state AS state, n.at AS state_at "
+        "FROM ({nodes}) AS n "
+        "LEFT JOIN (SELECT contact_id, run, name, email, status, reason, current_step, updated_at "
+        "FROM {enrollments} FINAL WHERE automation_id = {{a:String}}{extra}) AS e "
+        "ON n.contact_id = e.contact_id AND n.run = e.run"
+    )
+
+    async def node_contacts(self, automation_id: str, step_index: int, *, state: str | None, period: Period,
+                            page: Page, sort_key: str) -> dict:
+        await self.require_automation(automation_id)
+        w = self._node_where(automation_id, step_index, state, period)
+        params = {**w.params, "limit": page.limit, "offset": page.offset}
+        if sort_key in NODE_CONTACT_NODE_SORTS:
+            # page on node_states alone, then join the page's enrollments
+            nodes = (f"SELECT contact_id, run, state, at FROM {self.t('node_states')} FINAL {w.sql()} "
+                     f"ORDER BY {page.sort} {page.order}, contact_id {page.order}, run {page.order} "
+                     "LIMIT {limit:UInt64} OFFSET {offset:UInt64}")
+            extra = (f" AND contact_id IN (SELECT contact_id FROM ({nodes}))")
+            sql = self._NODE_JOIN.format(nodes=nodes, enrollments=self.t("enrollments"), extra=extra)
+            outer_sort = {"at": "state_at", "contact_id": "contact_id", "state": "state"}[page.sort]
+            sql += f" ORDER BY {outer_sort} {page.order}, contact_id {page.order}, run {page.order}"
+        else:
+            nodes = f"SELECT contact_id, run, state, at FROM {self.t('node_states')} FINAL {w.sql()}"
+            sql = self._NODE_JOIN.format(nodes=nodes, enrollments=self.t("enrollments"), extra="")
+            sql += (f" ORDER BY {page.sort} {page.order}, contact_id {page.order}, run {page.order} "
+                    "LIMIT {limit:UInt64} OFFSET {offset:UInt64}")
+        cols, rows = await self._rows(sql + " SETTINGS join_use_nulls = 1", params)
+        total = await self._scalar(f"SELECT count() FROM {self.t('node_states')} FINAL {w.sql()}", w.params)
+        return {"items": shape(cols, rows), "total": int(total or 0)}
+
+    NODE_CSV_HEADER = ("Contact ID", "Run", "Name", "Email", "State", "State At", "Status", "Reason",
+                       "Current Step", "Updated At")
+    NODE_CSV_COLUMNS = (("contact_id", "text"), ("run", "raw"), ("ifNull(name, '')", "text"),
+                        ("ifNull(email, '')", "text"), ("state", "text"), ("state_at", "raw"),
+                        ("ifNull(status, '')", "text"), ("ifNull(reason, '')", "text"), ("current_step", "raw"),
+                        ("updated_at", "raw"))
+
+    def node_contacts_csv_sql(self, automation_id: str, step_index: int, *, state: str | None, period: Period,
+                              sort: str, order: str) -> tuple[str, dict]:
+        w = self._node_where(automation_id, step_index, state, period)
+        nodes = f"SELECT contact_id, run, state, at FROM {self.t('node_states')} FINAL {w.sql()}"
+        inner = self._NODE_JOIN.format(nodes=nodes, enrollments=self.t("enrollments"), extra="")
+        outer_sort = "state_at" if sort == "at" else sort
+        return (f"SELECT {sql_csv_line(self.NODE_CSV_COLUMNS)} FROM ({inner}) "
+                f"ORDER BY {outer_sort} {order}, contact_id {order}, run {order} "
+                f"{CSV_QUERY_SETTINGS}, join_use_nulls = 1", w.params)
+
+    # ------------------------------------------------------------ health
+
+    async def health(self, automation_id: str, *, cutoff: _dt.datetime, page: Page) -> dict:
+        await self.require_automation(automation_id)
+        p = {"a": automation_id, "cutoff": sql_time(cutoff), "limit": page.limit, "offset": page.offset}
+        stuck_where = ("WHERE automation_id = {a:String} AND state = 'waiting' "
+                       f"AND at < {{cutoff:{TIME}}}")
+        cols, rows = await self._rows(
+            "SELECT contact_id, run, step_index, at AS waiting_since "
+            f"FROM {self.t('node_states')} FINAL {stuck_where} "
+            "ORDER BY waiting_since, contact_id, run LIMIT {limit:UInt64} OFFSET {offset:UInt64}", p)
+        stuck_total = await self._scalar(f"SELECT count() FROM {self.t('node_states')} FINAL {stuck_where}", p)
+        dup_sql = (f"SELECT contact_id, run, step_index, groupArray(message_id) AS message_ids, count() AS n "
+                   f"FROM {self.t('recipients')} FINAL WHERE automation_id = {{a:String}} "
+                   "GROUP BY contact_id, run, step_index HAVING n > 1")
+        dcols, drows = await self._rows(
+            f"SELECT contact_id, run, step_index, arraySort(message_ids) AS message_ids FROM ({dup_sql}) "
+            "ORDER BY contact_id, run, step_index LIMIT {limit:UInt64} OFFSET {offset:UInt64}", p)
+        dup_total = await self._scalar(f"SELECT count() FROM ({dup_sql})", p)
+        return {
+            "stuck": shape(cols, rows),
+            "stuck_total": int(stuck_total or 0),
+            "stuck_before": iso(cutoff),
+            "duplicate_sends": shape(dcols, drows),
+            "duplicate_sends_total": int(dup_total or 0),
+        }
+
+    # ------------------------------------------------------------ mailings
+
+    _MAILING_AGG = (
+        "SELECT mailing_id, any(automation_id) AS automation_id, any(step_index) AS step_index, "
+        "argMin(subject, sent_time) AS subject, argMin(sending_user, sent_time) AS sending_user, "
+        "argMin(sending_email, sent_time) AS sending_email, 'sent' AS status, min(sent_time) AS date, "
+        "count() AS total_sent, countIf(delivered_at IS NOT NULL) AS delivered, "
+        "countIf(opened_at IS NOT NULL) AS opened, countIf(clicked_at IS NOT NULL) AS clicked, "
+        "countIf(bounced_at IS NOT NULL) AS bounced, countIf(dropped_at IS NOT NULL) AS dropped, "
+        "countIf(deferred_at IS NOT NULL) AS deferred, countIf(spam_reported_at IS NOT NULL) AS spam_reports, "
+        "countIf(unsubscribed_at IS NOT NULL) AS unsubscribed "
+        "FROM (SELECT mailing_id, automation_id, step_index, subject, sending_user, sending_email, "
+        "coalesce(sent_at, status_at) AS sent_time, delivered_at, opened_at, clicked_at, bounced_at, dropped_at, "
+        "deferred_at, spam_reported_at, unsubscribed_at FROM {messages} FINAL {where}) "
+        "GROUP BY mailing_id {having}"
+    )
+    MAILING_COLUMNS = ("mailing_id", "automation_id", "step_index", "subject", "sending_user", "sending_email",
+                       "status", "date", "total_sent", "delivered", "opened", "clicked", "bounced", "dropped",
+                       "deferred", "spam_reports", "unsubscribed")
+
+    def _mailings_sql(self, *, automation_id: str | None, step: int | None, q: str | None, period: Period,
+                      mailing_id: str | None = None) -> tuple[str, dict]:
+        w = Where()
+        if mailing_id is not None:
+            w.add("mailing_id = {m:String}", m=mailing_id)
+        if automation_id:
+            w.add("automation_id = {a:String}", a=automation_id)
+        if step is not None:
+            w.add("step_index = {step:UInt32}", step=step)
+        if q:
+            w.add("positionCaseInsensitiveUTF8(subject, {q:String}) > 0", q=q)
+        h = period.apply(Where(), "date")
+        return self._MAILING_AGG.format(messages=self.t("messages"), where=w.sql(), having=h.sql("HAVING")), \
+            {**w.params, **h.params}
+
+    async def mailings(self, *, automation_id: str | None, step: int | None, q: str | None, period: Period,
+                       page: Page) -> dict:
+        sql, params = self._mailings_sql(automation_id=automation_id, step=step, q=q, period=period)
+        cols, rows = await self._rows(
+            f"SELECT * FROM ({sql}) ORDER BY {page.sort} {page.order}, mailing_id {page.order} "
+            "LIMIT {limit:UInt64} OFFSET {offset:UInt64}",
+            {**params, "limit": page.limit, "offset": page.offset})
+        total = await self._scalar(f"SELECT count() FROM ({sql})", params)
+        return {"items": shape(cols, rows), "total": int(total or 0)}
+
+    async def mailing(self, mailing_id: str) -> dict:
+        sql, params = self._mailings_sql(automation_id=None, step=None, q=None, period=Period(),
+                                         mailing_id=mailing_id)
+        cols, rows = await self._rows(sql, params)
+        if not rows:
+            raise NotFound(f"mailing {mailing_id!r} not found")
+        return shape(cols, rows)[0]
+
+    MAILING_CSV_HEADER = ("Mailing ID", "Automation ID", "Step Index", "Subject", "Sending User", "Sending Email",
+                          "Status", "Date", "Total Sent", "Delivered", "Opened", "Clicked", "Bounced", "Dropped",
+                          "Deferred", "Spam Reports", "Unsubscribed")
+
+    def mailings_csv_sql(self, *, automation_id: str | None, step: int | None, q: str | None, period: Period,
+                         sort: str, order: str) -> tuple[str, dict]:
+        sql, params = self._mailings_sql(automation_id=automation_id, step=step, q=q, period=period)
+        kinds = {"mailing_id": "text", "automation_id": "text", "subject": "text", "sending_user": "text",
+                 "sending_email": "text", "status": "text"}
+        line = sql_csv_line([(c, kinds.get(c, "raw")) for c in self.MAILING_COLUMNS])
+        return (f"SELECT {line} FROM ({sql}) ORDER BY {sort} {order}, mailing_id {order} {CSV_QUERY_SETTINGS}",
+                params)
+
+    _FLAG_COLS = ", ".join(f"{f}_at" for f in MESSAGE_FLAGS)
+    MAILING_RECIPIENT_COLS = ("message_id, contact_id, name, email, status, status_at, " + _FLAG_COLS +
+                              ", bounce_class, opens, clicks, run, step_index")
+
+    async def mailing_recipients(self, mailing_id: str, *, status: str | None, q: str | None, page: Page) -> dict:
+        exists = await self._scalar(
+            f"SELECT count() FROM (SELECT 1 FROM {self.t('messages')} WHERE mailing_id = {{m:String}} LIMIT 1)",
+            {"m": mailing_id})
+        if not exists:
+            raise NotFound(f"mailing {mailing_id!r} not found")
+        w = Where().add("mailing_id = {m:String}", m=mailing_id)
+        if status:
+            w.add("status = {status:String}", status=status)
+        if q:
+            w.add("(positionCaseInsensitiveUTF8(email, {q:String}) > 0 "
+                  "OR positionCaseInsensitiveUTF8(name, {q:String}) > 0)", q=q)
+        cols, rows = await self._rows(
+            f"SELECT {self.MAILING_RECIPIENT_COLS} FROM {self.t('messages')} FINAL {w.sql()} "
+            f"ORDER BY {page.sort} {page.order}, message_id {page.order} "
+            "LIMIT {limit:UInt64} OFFSET {offset:UInt64}",
+            {**w.params, "limit": page.limit, "offset": page.offset})
+        total = await self._scalar(f"SELECT count() FROM {self.t('messages')} FINAL {w.sql()}", w.params)
+        return {"items": shape(cols, rows), "total": int(total or 0)}
+
+    # ------------------------------------------------------------ contacts
+
+    async def contact(self, contact_id: str) -> dict | None:
+        cols, rows = await self._rows(
+            f"SELECT contact_id, user_id, name, email, company, attributes, updated_at "
+            f"FROM {self.t('contacts')} FINAL WHERE contact_id = {{c:String}} LIMIT 1", {"c": contact_id})
+        return shape(cols, rows, ("attributes",))[0] if rows else None
+
+    async def contact_automations(self, contact_id: str, *, page: Page) -> dict:
+        contact = await self.contact(contact_id)
+        p = {"c": contact_id, "limit": page.limit, "offset": page.offset}
+        cols, rows = await self._rows(
+            "SELECT e.automation_id AS automation_id, if(a.name = '', e.automation_id, a.name) AS name, "
+            "e.run AS run, e.status AS status, e.reason AS reason, e.current_step AS current_step, "
+            "e.enrolled_at AS enrolled_at, e.status_at AS status_at, e.updated_at AS updated_at "
+            f"FROM (SELECT * FROM {self.t('enrollments')} FINAL WHERE contact_id = {{c:String}}) AS e "
+            f"LEFT JOIN (SELECT automation_id, name FROM {self.t('automations')} FINAL) AS a "
+            "ON e.automation_id = a.automation_id "
+            "ORDER BY coalesce(e.enrolled_at, e.status_at) DESC, automation_id, run DESC "
+            "LIMIT {limit:UInt64} OFFSET {offset:UInt64}", p)
+        total = await self._scalar(
+            f"SELECT count() FROM {self.t('enrollments')} FINAL WHERE contact_id = {{c:String}}", p)
+        if contact is None and not total:
+            raise NotFound(f"contact {contact_id!r} not found")
+        items = shape(cols, rows)
+        if items:
+            keys = sorted({i["automation_id"] for i in items})
+            nrows = await self.deps.query(
+                f"SELECT automation_id, run, step_index, state, at FROM {self.t('node_states')} FINAL "
+                "WHERE contact_id = {c:String} AND automation_id IN {keys:Array(String)} AND state != 'none' "
+                "ORDER BY automation_id, run, step_index", {"c": contact_id, "keys": keys})
+            by_run: dict[tuple[str, int], list[dict]] = {}
+            for a, run, step_index, state, at in nrows:
+                by_run.setdefault((a, int(run)), []).append(
+                    {"step_index": int(step_index), "state": state, "at": iso(at)})
+            for item in items:
+                item["nodes"] = by_run.get((item["automation_id"], int(item["run"])), [])
+        return {"contact": contact, "items": items, "total": int(total or 0)}
+
+    async def contact_exists(self, contact_id: str) -> bool:
+        n = await self._scalar(
+            f"SELECT (SELECT count() FROM (SELECT 1 FROM {self.t('contacts')} WHERE contact_id = {{c:String}} LIMIT 1))"
+            f" + (SELECT count() FROM (SELECT 1 FROM {self.t('enrollments')} WHERE contact_id = {{c:String}} LIMIT 1))"
+            f" + (SELECT count() FROM (SELECT 1 FROM {self.t('status_changes')} WHERE contact_id = {{c:String}} LIMIT 1))",
+            {"c": contact_id})
+        return bool(n)
+
+    async def timeline(self, contact_id: str, *, kind: str | None, automation_id: str | None, page: Page) -> dict:
+        w = Where().add("contact_id = {c:String}", c=contact_id)
+        if kind:
+            w.add("kind = {kind:String}", kind=kind)
+        if automation_id:
+            w.add("automation_id = {a:String}", a=automation_id)
+        cols, rows = await self._rows(
+            "SELECT change_id, kind, automation_id, run, step_index, message_id, from_status, to_status, reason, "
+            f"event_id, event_type, occurred_at FROM {self.t('status_changes')} FINAL {w.sql()} "
+            f"ORDER BY occurred_at {page.order}, change_id {page.order} LIMIT {{limit:UInt64}} OFFSET {{offset:UInt64}}",
+            {**w.params, "limit": page.limit, "offset": page.offset})
+        total = await self._scalar(f"SELECT count() FROM {self.t('status_changes')} FINAL {w.sql()}", w.params)
+        if not total and not await self.contact_exists(contact_id):
+            raise NotFound(f"contact {contact_id!r} not found")
+        return {"items": shape(cols, rows), "total": int(total or 0)}
+
+    async def contact_messages(self, contact_id: str, *, status: str | None, automation_id: str | None,
+                               page: Page) -> dict:
+        w = Where().add("contact_id = {c:String}", c=contact_id)
+        if status:
+            w.add("status = {status:String}", status=status)
+        if automation_id:
+            w.add("automation_id = {a:String}", a=automation_id)
+        cols, rows = await self._rows(
+            "SELECT message_id, mailing_id, automation_id, run, step_index, subject, sending_user, sending_email, "
+            f"email, status, status_at, {self._FLAG_COLS}, bounce_class, opens, clicks "
+            f"FROM {self.t('messages')} FINAL {w.sql()} "
+            f"ORDER BY {page.sort} {page.order}, message_id {page.order} LIMIT {{limit:UInt64}} OFFSET {{offset:UInt64}}",
+            {**w.params, "limit": page.limit, "offset": page.offset})
+        total = await self._scalar(f"SELECT count() FROM {self.t('messages')} FINAL {w.sql()}", w.params)
+        if not total and not await self.contact_exists(contact_id):
+            raise NotFound(f"contact {contact_id!r} not found")
+        return {"items": shape(cols, rows), "total": int(total or 0)}
+
+
+def check_choice(name: str, value: str | None, choices: Sequence[str]) -> str | None:
+    if value is not None and value not in choices:
+        raise BadRequest(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
