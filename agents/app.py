@@ -233,20 +233,23 @@ class Pipeline:
 
     # ---- contacts -------------------------------------------------------------------------------
 
-    def _replica(self, automation_id: str, cache: dict) -> dict | None:
-        if automation_id in cache:
-            return cache[automation_id]
+    def _replica(self, partition: int, automation_id: str, cache: dict) -> dict | None:
+        """The automation as this partition knows it (each partition holds its own replica)."""
+        ck = (partition, automation_id)
+        if ck in cache:
+            return cache[ck]
         raw = self.replicas.get(automation_id.encode())
         value = orjson.loads(raw) if raw else None
-        cache[automation_id] = value
+        cache[ck] = value
         return value
 
     async def process_contacts(self, batch: list[Any]) -> None:
         ctx = Batch()
+        now_ms = int(time.time() * 1000)  # out-of-office holds whose date has passed resume right away
         dirty: dict[bytes, tuple[Any, Any, dict | None, list | None, bool, bool]] = {}
         states: dict[bytes, dict | None] = {}
         parked: dict[bytes, list | None] = {}
-        replicas: dict[str, dict | None] = {}
+        replicas: dict[tuple[int, str], dict | None] = {}
 
         def load(key: bytes) -> tuple[dict | None, list | None]:
             if key not in states:
@@ -273,11 +276,11 @@ class Pipeline:
                 internal = orjson.loads(event.value)
                 kind = internal["type"]
                 if kind == "tick":
-                    await self._flush_dirty(dirty)
+                    await self._flush_dirty(dirty, event)
                     self._tick_partition(event, internal["now_ms"], replicas, states, parked, store, load)
                     continue
                 if kind.startswith("automation."):
-                    await self._flush_dirty(dirty)
+                    await self._flush_dirty(dirty, event)
                     self._fan_out(event, internal, replicas, states, parked, store, load)
                     continue
                 ev = internal
@@ -287,14 +290,18 @@ class Pipeline:
                     continue
             key = f"{ev['automation_id']}{SEP}{ev['contact_id']}".encode()
             state, park = load(key)
-            automation = self._replica(ev["automation_id"], replicas)
+            automation = self._replica(msg.partition, ev["automation_id"], replicas)
             defn = automation["defn"] if automation else None
-            res = steps.contact_step(state, park, ev, defn, msg.partition, msg.offset)
+            res = steps.contact_step(state, park, ev, defn, msg.partition, msg.offset, now_ms)
             store(event, key, res)
         await self._flush_dirty(dirty)
         await self._finish_batch(ctx, batch)
 
-    async def _flush_dirty(self, dirty: dict) -> None:
+    async def _flush_dirty(self, dirty: dict, current: Any = None) -> None:
+        """Write each changed key once, to the changelog partition of the event that last changed it.
+
+        ``current`` is made the current event again afterwards (reads select their partition by it).
+        """
         for key, (event, _, state, park, s_dirty, p_dirty) in dirty.items():
             _set_current(event)
             if s_dirty:
@@ -309,6 +316,8 @@ class Pipeline:
                 else:
                     self.parked.pop(key, None)
         dirty.clear()
+        if current is not None:
+            _set_current(current)
 
     def _update_resume_index(self, key: bytes, state: dict) -> None:
         due = enrollment.next_resume_at(state)
@@ -328,11 +337,12 @@ class Pipeline:
         aid = internal["automation_id"]
         replica = internal["replica"]
         self.replicas[aid.encode()] = _dumps(replica)
-        replicas[aid] = replica
+        replicas[(partition, aid)] = replica
         defn = replica["defn"]
         prefix = f"{aid}{SEP}".encode()
         if internal["type"] == "automation.published":
-            for key, _ in list(iter_partition(self.parked, partition, prefix)):
+            keys = [key for key, _ in iter_partition(self.parked, partition, prefix)]
+            for key in keys:
                 state, park = load(key)
                 if park:
                     store(event, key, steps.contact_unpark(state, park, defn))
@@ -355,7 +365,7 @@ class Pipeline:
             if state is None:
                 continue
             aid = key.split(SEP.encode(), 1)[0].decode()
-            replica = self._replica(aid, replicas)
+            replica = self._replica(partition, aid, replicas)
             res = steps.contact_tick(state, replica["defn"] if replica else None, now_ms)
             store(event, key, res)
 
@@ -366,6 +376,7 @@ class Pipeline:
         states: dict[bytes, dict | None] = {}
         dirty: dict[bytes, Any] = {}
         for event in batch:
+            _set_current(event)
             msg = event.message
             contract = self.contract_name[msg.topic]
             if contract == "internal.to-messages":

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import time
 from typing import Any
@@ -63,34 +62,6 @@ async def ensure_topics(settings: Settings, timeout: float = 60.0) -> None:
         await admin.close()
 
 
-class ClickHouseQueries:
-    """Runs API queries off the event loop on clients of their own (chDB allows many per path)."""
-
-    def __init__(self, url: str, threads: int = 2) -> None:
-        self.url = url
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sendtrail-q")
-        self._clients: dict[int, Any] = {}
-
-    def client(self) -> Any:
-        import threading
-
-        ident = threading.get_ident()
-        client = self._clients.get(ident)
-        if client is None:
-            client = self._clients[ident] = connect(self.url)
-        return client
-
-    async def run(self, fn, *args) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
-        for client in self._clients.values():
-            client.close()
-        self._clients.clear()
-
-
 class SinkMetrics:
     """Adapts the sink's callbacks to the metric definitions."""
 
@@ -119,7 +90,11 @@ def build_worker(settings: Settings) -> tuple[Pipeline, type]:
                        retry_max_seconds=settings.sink_retry_max_seconds, metrics=SinkMetrics(metrics))
     pipeline = Pipeline(settings, metrics, sink)
     app = pipeline.app
-    queries = ClickHouseQueries(settings.clickhouse_url)
+    from sendtrail.api.routes import make_deps_for_client
+
+    api_client = connect(settings.clickhouse_url)
+    api_deps = make_deps_for_client(api_client, client_factory=lambda: connect(settings.clickhouse_url),
+                                    stuck_after_seconds=settings.stuck_after_seconds)
     publisher = Publisher(settings.kafka, settings.topic_prefix)
 
     async def readiness() -> list[str]:
@@ -129,7 +104,7 @@ def build_worker(settings: Settings) -> tuple[Pipeline, type]:
         except Exception as exc:
             reasons.append(f"kafka: not reachable at {settings.kafka} ({type(exc).__name__}: {exc})")
         try:
-            await asyncio.wait_for(queries.run(lambda: queries.client().command("SELECT 1")), 5.0)
+            await asyncio.wait_for(api_deps.query("SELECT 1", {}), 5.0)
         except Exception as exc:
             reasons.append(f"clickhouse: {type(exc).__name__}: {exc}")
         if not app.assignor.assigned_actives():
@@ -141,9 +116,6 @@ def build_worker(settings: Settings) -> tuple[Pipeline, type]:
             reasons.append(f"sink: backlog full ({sink.backlog_rows} rows)")
         return reasons
 
-    from sendtrail.api.routes import make_deps_for_queries
-
-    api_deps = make_deps_for_queries(queries, stuck_after_seconds=settings.stuck_after_seconds)
     web_app = build_web_app(WebDeps(settings=settings, metrics=metrics, registry=registry, publisher=publisher,
                                     api_deps=api_deps, readiness=readiness,
                                     webhook_config=webhook_config_from(settings)))
@@ -174,7 +146,7 @@ def build_worker(settings: Settings) -> tuple[Pipeline, type]:
                 await self.runner.cleanup()
             await publisher.stop()
             await sink.close()
-            queries.close()
+            api_client.close()
 
     app.service(Edge)
     return pipeline, Edge
@@ -205,6 +177,7 @@ def update_gauges(pipeline: Pipeline) -> None:
 def run_worker(settings: Settings) -> None:
     import faust
 
+    (settings.data_dir / "state").mkdir(parents=True, exist_ok=True)
     if settings.migrate_on_start:
         client = connect(settings.clickhouse_url)
         try:

@@ -22,14 +22,18 @@ kept):
   re-enrollment attempts are planned into ``once`` automations (always
   ignored) and into open contact-only runs that can only end on the
   ``enrollments`` topic;
-- automation lifecycle events (``automation.paused``/``resumed``/
-  ``archived``) are fanned out by the pipeline to the enrollments that exist
-  *when they are processed*. They are produced after every event that
-  happened before them (the consumer must treat them as barriers to get the
-  exact oracle; so does ``tests/unit/test_oracle_fold.py``): nothing of a
-  paused automation happens during its pause window, and an archived
-  automation is archived after the last event of its contacts, when every
-  message has settled (its steps are all e-mails).
+- ``automation.paused``/``resumed`` are fanned out by the pipeline to the
+  enrollments that exist *when they are processed*; the plan makes that
+  invisible in the end state: nothing of a paused automation happens during
+  its pause window, and a run that would be held (paused, not_sent, bounced)
+  when the automation is paused is re-planned to start after the resume, so
+  the pause hold and the resume cancel out whether a run is reached or not;
+- ``automation.archived`` cannot be made order-independent under the
+  fan-out rule (it cancels the runs that are open when it is processed): it
+  is produced last, after every event of the automation's contacts, when
+  every message has settled (its steps are all e-mails), and a consumer must
+  process it after everything produced before it (a barrier), as
+  ``tests/unit/test_oracle_fold.py`` does, to reach the oracle exactly.
 
 Provider events (``provider-events``) are produced out of order within a
 bounded window (``reorder_window`` positions of that topic) and retried

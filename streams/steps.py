@@ -93,6 +93,25 @@ def _emit(before: dict[int, dict], res, event: dict, automation: dict | None, ou
         out.add_rows("contacts", [rows.contact_row(event)])
 
 
+def _drain(state: dict | None, parked: list[dict], automation: dict | None, out: Output,
+           now_ms: int | None) -> tuple[dict | None, list[dict]]:
+    """Apply the parked events that can go now, in arrival order, until none can."""
+    remaining = parked
+    progress = True
+    while remaining and progress:
+        progress = False
+        still = []
+        for item in remaining:
+            ev = item["event"]
+            if needs_parking(state, ev, automation):
+                still.append(item)
+                continue
+            state, _ = _apply_one(state, ev, automation, out, item["partition"], item["offset"], now_ms)
+            progress = True
+        remaining = still
+    return state, remaining
+
+
 def contact_step(state: dict | None, parked: list[dict] | None, event: dict, automation: dict | None,
                  partition: int, offset: int, now_ms: int | None = None) -> ContactResult:
     """Apply one event of ``enrollments``, ``sends`` or ``internal.to-contacts`` to one key."""
@@ -102,32 +121,17 @@ def contact_step(state: dict | None, parked: list[dict] | None, event: dict, aut
         parked.append({"event": event, "partition": partition, "offset": offset})
         return ContactResult(state, parked, False, True, out)
     new_state, state_changed = _apply_one(state, event, automation, out, partition, offset, now_ms)
-    parked_changed = False
-    if parked and new_state is not None and automation is not None:
-        # The enrollment (or the definition) arrived: apply what waited for it, in order.
-        remaining = []
-        for item in parked:
-            ev = item["event"]
-            if needs_parking(new_state, ev, automation):
-                remaining.append(item)
-                continue
-            new_state, _ = _apply_one(new_state, ev, automation, out, item["partition"], item["offset"], now_ms)
-        parked = remaining or None
-        parked_changed = True
-        state_changed = True
-    return ContactResult(new_state, parked, state_changed, parked_changed, out)
+    if not parked:
+        return ContactResult(new_state, parked, state_changed, False, out)
+    # The enrollment (or the definition) arrived: apply what waited for it.
+    new_state, remaining = _drain(new_state, parked, automation, out, now_ms)
+    return ContactResult(new_state, remaining or None, True, True, out)
 
 
 def contact_unpark(state: dict | None, parked: list[dict], automation: dict, now_ms: int | None = None) -> ContactResult:
     """An automation definition became known: apply the key's parked events that can go now."""
     out = Output()
-    remaining = []
-    for item in parked:
-        ev = item["event"]
-        if needs_parking(state, ev, automation):
-            remaining.append(item)
-            continue
-        state, _ = _apply_one(state, ev, automation, out, item["partition"], item["offset"], now_ms)
+    state, remaining = _drain(state, parked, automation, out, now_ms)
     return ContactResult(state, remaining or None, True, True, out)
 
 

@@ -25,6 +25,7 @@ import datetime as _dt
 import re
 import unicodedata
 import zipfile
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
 
 import orjson
@@ -102,8 +103,8 @@ def sql_safe_text(expr: str) -> str:
     )
 
 
-def sql_csv_line(columns: Sequence[tuple[str, str]]) -> str:
-    """``formatRow('CSV', ...)`` over ``columns``: (expression, kind) with kind ``text`` (neutralized) or ``raw``."""
+def sql_csv_columns(columns: Sequence[tuple[str, str]]) -> list[str]:
+    """The select expressions of ``columns``: (expression, kind) with kind ``text`` (neutralized) or ``raw``."""
     parts = []
     for expr, kind in columns:
         if kind == "text":
@@ -112,7 +113,37 @@ def sql_csv_line(columns: Sequence[tuple[str, str]]) -> str:
             parts.append(expr)
         else:  # pragma: no cover - programming error
             raise ValueError(f"unknown CSV column kind {kind!r}")
-    return "formatRow('CSV', " + ", ".join(parts) + ")"
+    return parts
+
+
+def sql_csv_line(columns: Sequence[tuple[str, str]]) -> str:
+    """``formatRow('CSV', ...)`` over ``columns`` (see :func:`sql_csv_columns`): one CSV record per row."""
+    return "formatRow('CSV', " + ", ".join(sql_csv_columns(columns)) + ")"
+
+
+@dataclass(frozen=True)
+class CsvQuery:
+    """A CSV export query: ``columns`` (expression, kind), the ``body`` (FROM ... ORDER BY ...), parameters.
+
+    ``raw_sql()`` selects the neutralized columns, for a ``FORMAT CSV`` byte
+    stream (fastest: ClickHouse writes the CSV); ``row_sql()`` selects one
+    ``formatRow('CSV', ...)`` string per row, for a row-block stream.
+    """
+
+    columns: Sequence[tuple[str, str]]
+    body: str
+    params: dict
+    extra_settings: str = ""
+
+    @property
+    def settings(self) -> str:
+        return CSV_QUERY_SETTINGS + (", " + self.extra_settings if self.extra_settings else "")
+
+    def raw_sql(self) -> str:
+        return f"SELECT {', '.join(sql_csv_columns(self.columns))} {self.body} {self.settings}"
+
+    def row_sql(self) -> str:
+        return f"SELECT {sql_csv_line(self.columns)} {self.body} {self.settings}"
 
 
 _UNSAFE = re.compile(r'[/\\:*?"<>|]')

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from sendtrail.api import queries as Q
 from sendtrail.api.errors import ApiError, BadRequest, error_response
-from sendtrail.api.export import (azip_chunks, content_disposition, csv_row, recipients_zip_name,
+from sendtrail.api.export import (CsvQuery, azip_chunks, content_disposition, csv_row, recipients_zip_name,
                                   safe_filename_part)
 from sendtrail.api.queries import Page, Period, Queries
 from sendtrail.api.static_lists import StaticLists
@@ -54,6 +54,10 @@ class ApiDeps:
     database: str = "sendtrail"
     stuck_after_seconds: int = 7 * 24 * 3600
     now: Callable[[], float] = time.time
+    #: optional: streams a SELECT's output in ``FORMAT CSV`` as byte chunks
+    #: (ClickHouse renders the CSV: the fastest export path). When None,
+    #: exports use ``stream`` with one ``formatRow('CSV', ...)`` string per row.
+    stream_raw: Callable[[str, dict], AsyncIterator[bytes]] | None = None
 
 
 def make_deps_for_client(client: Any, database: str = "sendtrail", *,
@@ -127,8 +131,40 @@ def make_deps_for_client(client: Any, database: str = "sendtrail", *,
                 elif lock is not None:
                     lock.release()
 
+    async def stream_raw(sql: str, params: dict) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        if client_factory is None:
+            if lock is not None:
+                await lock.acquire()
+            own, ex = client, executor
+        else:
+            ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-stream")
+            own = await loop.run_in_executor(ex, client_factory)
+        source = None
+        try:
+            source = await loop.run_in_executor(
+                ex, lambda: own.raw_stream(sql, parameters=params or None, fmt="CSV"))
+            while True:
+                chunk = await loop.run_in_executor(ex, source.read, RAW_CHUNK)
+                if not chunk:
+                    break
+                yield chunk
+        finally:
+            try:
+                if source is not None:
+                    await loop.run_in_executor(ex, source.close)
+            finally:
+                if client_factory is not None:
+                    await loop.run_in_executor(ex, own.close)
+                    ex.shutdown(wait=False)
+                elif lock is not None:
+                    lock.release()
+
     return ApiDeps(query=query, query_columns=query_columns, stream=stream, command=command, insert=insert,
-                   database=database, stuck_after_seconds=stuck_after_seconds, now=now)
+                   database=database, stuck_after_seconds=stuck_after_seconds, now=now, stream_raw=stream_raw)
+
+
+RAW_CHUNK = 1 << 20
 
 
 # ------------------------------------------------------------------ parameters
@@ -282,7 +318,7 @@ class Routes:
         p = Params(request, ("step", "contact_id", "from", "to"))
         automation_id = request.match_info["id"]
         props = await self.q.require_automation(automation_id)
-        sql, params = self.q.recipients_csv_sql(
+        cq = self.q.recipients_csv_sql(
             automation_id, step=p.integer("step", None, 0, 100_000), contact_id=p.text("contact_id"),
             period=p.period())
         now = self._now()
@@ -297,16 +333,25 @@ class Routes:
 
         async def csv_bytes() -> AsyncIterator[bytes]:
             yield csv_row(self.q.RECIPIENT_CSV_HEADER).encode()
-            async for block in self.deps.stream(sql, params):
-                yield "".join([row[0] for row in block]).encode()
+            async for chunk in self._csv_body(cq):
+                yield chunk
 
         async for chunk in azip_chunks(entry, csv_bytes(), date_time=now.timetuple()[:6]):
             await resp.write(chunk)
         await resp.write_eof()
         return resp
 
-    async def _stream_csv(self, request: web.Request, filename: str, header: Sequence[str], sql: str,
-                          params: dict) -> web.StreamResponse:
+    async def _csv_body(self, cq: CsvQuery) -> AsyncIterator[bytes]:
+        """The CSV records of ``cq`` (no header), streamed from ClickHouse."""
+        if self.deps.stream_raw is not None:
+            async for chunk in self.deps.stream_raw(cq.raw_sql(), cq.params):
+                yield chunk
+        else:
+            async for block in self.deps.stream(cq.row_sql(), cq.params):
+                yield "".join([row[0] for row in block]).encode()
+
+    async def _stream_csv(self, request: web.Request, filename: str, header: Sequence[str],
+                          cq: CsvQuery) -> web.StreamResponse:
         resp = web.StreamResponse(headers={
             "Content-Type": "text/csv; charset=utf-8; header=present",
             "Content-Disposition": content_disposition(filename),
@@ -314,8 +359,8 @@ class Routes:
         })
         await resp.prepare(request)
         await resp.write(csv_row(header).encode())
-        async for block in self.deps.stream(sql, params):
-            await resp.write("".join([row[0] for row in block]).encode())
+        async for chunk in self._csv_body(cq):
+            await resp.write(chunk)
         await resp.write_eof()
         return resp
 
@@ -364,9 +409,9 @@ class Routes:
         order = p.choice("order", ["asc", "desc"], "desc").upper()
         status, q, run = p.choice("status", Q.CONTACT_STATUSES), p.text("q"), p.integer("run", None, 0)
         props = await self.q.require_automation(automation_id)
-        sql, params = self.q.contacts_csv_sql(automation_id, status=status, q=q, run=run, sort=sort, order=order)
+        cq = self.q.contacts_csv_sql(automation_id, status=status, q=q, run=run, sort=sort, order=order)
         return await self._stream_csv(request, self._csv_name("automation_contacts", props.get("name") or automation_id),
-                                      self.q.CONTACT_CSV_HEADER, sql, params)
+                                      self.q.CONTACT_CSV_HEADER, cq)
 
     # -- contacts at a node
 
@@ -389,10 +434,9 @@ class Routes:
         order = p.choice("order", ["asc", "desc"], "desc").upper()
         state, period = p.choice("state", Q.NODE_STATES), p.period()
         props = await self.q.require_automation(automation_id)
-        sql, params = self.q.node_contacts_csv_sql(automation_id, step, state=state, period=period, sort=sort,
-                                                   order=order)
+        cq = self.q.node_contacts_csv_sql(automation_id, step, state=state, period=period, sort=sort, order=order)
         name = self._csv_name("node_contacts", props.get("name") or automation_id, f"step{step}", state or "all")
-        return await self._stream_csv(request, name, self.q.NODE_CSV_HEADER, sql, params)
+        return await self._stream_csv(request, name, self.q.NODE_CSV_HEADER, cq)
 
     # -- health
 
@@ -430,9 +474,8 @@ class Routes:
     async def static_list_csv(self, request: web.Request) -> web.StreamResponse:
         Params(request, ())
         props = await self.lists.get_list(request.match_info["id"])
-        sql, params = self.lists.members_csv_sql(props["id"])
         return await self._stream_csv(request, self._csv_name("static_list", props["name"]),
-                                      self.lists.CSV_HEADER, sql, params)
+                                      self.lists.CSV_HEADER, self.lists.members_csv_sql(props["id"]))
 
     # -- mailings
 
@@ -449,10 +492,10 @@ class Routes:
         p = Params(request, ("sort", "order") + self._MAILING_PARAMS)
         sort = Q.MAILING_SORTS[p.choice("sort", list(Q.MAILING_SORTS), "date")]
         order = p.choice("order", ["asc", "desc"], "desc").upper()
-        sql, params = self.q.mailings_csv_sql(
+        cq = self.q.mailings_csv_sql(
             automation_id=p.text("automation_id"), step=p.integer("step", None, 0, 100_000), q=p.text("q"),
             period=p.period(), sort=sort, order=order)
-        return await self._stream_csv(request, self._csv_name("mailings"), self.q.MAILING_CSV_HEADER, sql, params)
+        return await self._stream_csv(request, self._csv_name("mailings"), self.q.MAILING_CSV_HEADER, cq)
 
     async def mailing(self, request: web.Request) -> web.Response:
         Params(request, ())

@@ -19,6 +19,7 @@ import uuid
 from typing import Any, Mapping
 
 from sendtrail.api.errors import BadRequest, NotFound
+from sendtrail.api.export import CsvQuery
 from sendtrail.api.queries import CONTACT_STATUSES, NODE_STATES, Page, Queries, iso, shape, sql_time
 
 MAX_NAME = 200
@@ -133,12 +134,10 @@ class StaticLists:
 
     CSV_HEADER = ("Contact ID", "Name", "Email")
 
-    def members_csv_sql(self, list_id: str) -> tuple[str, dict]:
-        from sendtrail.api.export import CSV_QUERY_SETTINGS, sql_csv_line
-
-        line = sql_csv_line([("contact_id", "text"), ("name", "text"), ("email", "text")])
-        return (f"SELECT {line} FROM {self.q.t('static_list_members')} FINAL WHERE list_id = {{id:String}} "
-                f"ORDER BY contact_id {CSV_QUERY_SETTINGS}", {"id": list_id})
+    def members_csv_sql(self, list_id: str) -> CsvQuery:
+        return CsvQuery([("contact_id", "text"), ("name", "text"), ("email", "text")],
+                        f"FROM {self.q.t('static_list_members')} FINAL WHERE list_id = {{id:String}} "
+                        "ORDER BY contact_id", {"id": list_id})
 
 
 __all__ = ["StaticLists", "validate_create", "sql_time"]
