@@ -82,8 +82,11 @@ def csv_field(value: Any) -> str:
 
 
 def csv_row(values: Iterable[Any]) -> str:
-    """One CSV record with its CRLF line end."""
-    return ",".join(csv_field(v) for v in values) + "\r\n"
+    """One CSV record with its CRLF line end (a lone empty field is written ``""``, as it would be lost)."""
+    fields = [csv_field(v) for v in values]
+    if fields == [""]:
+        fields = ['""']
+    return ",".join(fields) + "\r\n"
 
 
 def csv_lines(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Iterator[str]:

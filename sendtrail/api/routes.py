@@ -176,13 +176,14 @@ class Params:
         query = getattr(request_or_query, "query", request_or_query)
         self.values: dict[str, str] = {}
         allowed_set = set(allowed)
-        for key in query.keys():
+        pairs = list(query.items())
+        for key, value in pairs:
             if key not in allowed_set:
                 hint = f"; known: {', '.join(sorted(allowed_set))}" if allowed_set else ""
                 raise BadRequest(f"unknown query parameter {key!r}{hint}")
             if key in self.values:
                 raise BadRequest(f"query parameter {key!r} is given more than once")
-            self.values[key] = query.getone(key) if hasattr(query, "getone") else query[key]
+            self.values[key] = value
 
     def get(self, name: str) -> str | None:
         value = self.values.get(name)

@@ -26,7 +26,8 @@ State layout (plain JSON-serializable dicts and lists; int keys stored as str)::
            "done": {"k": ms},                                     # per step index earliest
            "max_done": int (-1 when nothing is done),
            "sends": {message_id: [step_index, at, event_id]},     # union (earliest per id)
-           "settled": {message_id: 1},                            # union
+           "settled": {message_id: ms},                           # per id earliest
+           "archived_at": ms (absent until the automation's archive reached this key; earliest),
            "d": None | [status, reason, {"k": node_state}]}       # derivation last emitted
 
 Auto-resume (out-of-office) is *derived*: a hold whose ``resume_at <= now`` is
@@ -66,7 +67,7 @@ _steps_cache: dict = {}
 
 
 def _steps(automation):
-    """(sorted step indices, last index) of an automation, or None when it is unknown."""
+    """(sorted step indices, last index, archived_at) of an automation, or None when it is unknown."""
     if automation is None:
         return None
     key = id(automation)
@@ -74,7 +75,7 @@ def _steps(automation):
     if hit is not None and hit[0] is automation:
         return hit[1]
     idx = sorted({int(s["index"]) for s in (automation.get("steps") or ())})
-    info = (idx, idx[-1] if idx else None)
+    info = (idx, idx[-1] if idx else None, automation.get("archived_at"))
     if len(_steps_cache) > 512:
         _steps_cache.clear()
     _steps_cache[key] = (automation, info)
@@ -206,9 +207,9 @@ def _merge_outcome(run, ev) -> bool:
     if t == "outcome.settled":
         mid = ev.get("message_id")
         settled = run["settled"]
-        if mid in settled:
+        if mid in settled and settled[mid] <= at:
             return False
-        settled[mid] = 1
+        settled[mid] = at
         return True
     if t == "outcome.bounced":
         return _set_hold(run, at, eid, "bounced", ev.get("reason") or "hard_bounce", None)
@@ -230,11 +231,47 @@ def _hold_active(h, resumed, now) -> bool:
     return ra is None or ra > now
 
 
+def _archive_terminal(run, steps):
+    """The archive's effect on a run, derived from facts so that it does not depend on arrival order.
+
+    An automation archived at ``archived_at`` ends every run that had not ended
+    by then: ``failed`` when a send made before the archive had no settled
+    outcome (delivered, bounced, dropped) by then — a step in flight —, else
+    ``canceled``. A run that completed (and is not held) is not touched: see _status.
+    """
+    archived_at = run.get("archived_at")
+    if steps is not None and steps[2] is not None and (archived_at is None or steps[2] < archived_at):
+        archived_at = steps[2]
+    if archived_at is None:
+        return None
+    settled = run["settled"]
+    in_flight = False
+    for mid, send in run["sends"].items():
+        if send[1] <= archived_at:
+            settled_at = settled.get(mid)
+            if settled_at is None or settled_at > archived_at:
+                in_flight = True
+                break
+    status = "failed" if in_flight else "canceled"
+    return [archived_at, "automation.archived", status, "automation_archived", None, "automation.archived"]
+
+
 def _status(run, steps, now):
-    """(status, reason, source) of a run; source: t(erminal) h(old) c(ompleted) w l p r."""
+    """(status, reason, source) of a run; source: a(rchived) t(erminal) h(old) c(ompleted) w l p r."""
     t = run["terminal"]
+    arch = _archive_terminal(run, steps)
+    if arch is not None and (t is None or later(t, arch)):
+        inner = _open_status(run, steps, now)
+        if inner[2] == "c":
+            return inner  # finished all its steps: nothing left for the archive to end
+        return arch[2], arch[3], "a"
     if t is not None:
         return t[2], t[3], "t"
+    return _open_status(run, steps, now)
+
+
+def _open_status(run, steps, now):
+    """Status of a run without a terminal fact (rules 2-7 of docs/semantics.md)."""
     h = run["hold"]
     if h is not None and _hold_active(h, run["resumed"], now):
         return h[2], h[3], "h"
@@ -520,12 +557,13 @@ def _h_automation_resumed(state, ev, automation, steps, now, regs, run):
 
 
 def _h_automation_archived(state, ev, automation, steps, now, regs, run):
+    """Record the archive time on every run (earliest wins); its effect is derived (_archive_terminal)."""
+    at = ev["occurred_at"]
     touched = []
-    for run in _open_runs(state, steps, now):
-        settled = run["settled"]
-        in_flight = any(mid not in settled for mid in run["sends"])
-        status = "failed" if in_flight else "canceled"
-        if _set_terminal(run, ev["occurred_at"], ev["event_id"], status, "automation_archived", None, ev["type"]):
+    for run in state["runs"]:
+        current = run.get("archived_at")
+        if current is None or at < current:
+            run["archived_at"] = at
             touched.append(run)
     return bool(touched), touched
 
@@ -672,7 +710,9 @@ def next_resume_at(state: dict) -> int | None:
     return best
 
 
-def _status_at(run, src, now):
+def _status_at(run, src, now, steps=None):
+    if src == "a":
+        return _archive_terminal(run, steps)[0]
     t = run["terminal"]
     if src == "t":
         return t[0]
@@ -707,7 +747,7 @@ def view(state: dict, automation: dict | None) -> list[dict]:
     ignored = len(state["ignored"])
     for run in state["runs"]:
         status, reason, src = _status(run, steps, now)
-        status_at = _status_at(run, src, now)
+        status_at = _status_at(run, src, now, steps)
         done = run["done"]
         nodes = []
         for k in sorted(done, key=int):

@@ -22,6 +22,13 @@ def _workload(seed: int, invalid: int = 0):
                     invalid=invalid)
 
 
+def _produce(worker: WorkerProcess, events) -> None:
+    from agents.worker import ensure_topics
+
+    asyncio.run(ensure_topics(worker.settings))
+    asyncio.run(produce(worker.settings, events))
+
+
 def _assert_exact(worker: WorkerProcess, oracle: dict) -> dict:
     state = read_end_state(worker.tmp / "clickhouse")
     diffs = compare_with_oracle(state, oracle)
@@ -38,7 +45,7 @@ def worker(tmp_path, kafka_bootstrap, topic_prefix):
 
 def test_generated_workload_matches_the_oracle_exactly(worker):
     workload = _workload(seed=11)
-    asyncio.run(produce(worker.settings, workload.events))
+    _produce(worker, workload.events)
     worker.start()
     worker.wait_caught_up(timeout=400)
     status, body = worker.get("/readyz")
@@ -55,15 +62,15 @@ def test_sigkill_twice_mid_stream_is_still_exact(worker):
     third = len(events) // 3
     worker.start()
     worker.wait_http("/healthz")
-    asyncio.run(produce(worker.settings, events[:third]))
+    _produce(worker, events[:third])
     time.sleep(rng.uniform(1.0, 4.0))
     worker.kill()
-    asyncio.run(produce(worker.settings, events[third:2 * third]))
+    _produce(worker, events[third:2 * third])
     worker.start()
     worker.wait_http("/healthz")
     time.sleep(rng.uniform(2.0, 5.0))
     worker.kill()
-    asyncio.run(produce(worker.settings, events[2 * third:]))
+    _produce(worker, events[2 * third:])
     worker.start()
     worker.wait_caught_up(timeout=400)
     worker.stop()
@@ -72,7 +79,7 @@ def test_sigkill_twice_mid_stream_is_still_exact(worker):
 
 def test_replaying_everything_changes_no_query_result(worker, kafka_bootstrap):
     workload = _workload(seed=13)
-    asyncio.run(produce(worker.settings, workload.events))
+    _produce(worker, workload.events)
     worker.start()
     worker.wait_caught_up(timeout=400)
     worker.stop()
@@ -90,7 +97,7 @@ def test_invalid_events_go_to_dead_letters_and_valid_ones_are_processed(worker, 
     workload = _workload(seed=14, invalid=100)
     expected = workload.oracle["dead_letters"]
     assert sum(expected.values()) >= 1000
-    asyncio.run(produce(worker.settings, workload.events))
+    _produce(worker, workload.events)
     worker.start()
     worker.wait_caught_up(timeout=400)
     assert worker.get("/healthz")[0] == 200

@@ -226,3 +226,28 @@ def test_three_broker_cluster(tmp_path):
     assert pids and not any(_pid_running(p) for p in pids), pids
     assert not (state_dir / "state.json").exists()
     assert run_kafka_script("status", "--dir", str(state_dir), timeout=30, check=False).returncode == 1
+
+
+@pytest.mark.timeout(180)
+def test_cluster_stops_when_owner_process_dies(tmp_path):
+    """`start --owner-pid` (used by the session fixture) stops the brokers if pytest is killed."""
+    import subprocess
+
+    owner = subprocess.Popen(["sleep", "600"])
+    state_dir = tmp_path / "owned"
+    try:
+        run_kafka_script("start", "--port", "0", "--dir", str(state_dir), "--owner-pid", str(owner.pid),
+                         timeout=150)
+        pid = json.loads((state_dir / "state.json").read_text())["nodes"][0]["pid"]
+        assert _pid_running(pid)
+        owner.kill()
+        owner.wait()
+        deadline = time.monotonic() + 60
+        while _pid_running(pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _pid_running(pid)
+        assert run_kafka_script("status", "--dir", str(state_dir), check=False).returncode == 1
+    finally:
+        owner.kill()
+        owner.wait()
+        run_kafka_script("stop", "--dir", str(state_dir), timeout=120, check=False)
