@@ -84,6 +84,8 @@ class Batch:
 
     sends: list = field(default_factory=list)
     rows: dict = field(default_factory=dict)
+    replica_writes: dict = field(default_factory=dict)  # (partition, automation_id) -> replica
+    replica_events: dict = field(default_factory=dict)  # (partition, automation_id) -> the fan-out event
 
 
 class Pipeline:
@@ -213,9 +215,17 @@ class Pipeline:
             ctx.rows.setdefault(table_name, []).extend(table_rows)
 
     async def _finish_batch(self, ctx: "Batch", batch: list[Any]) -> None:
-        """Send queued messages, write rows and wait for ClickHouse; the batch is acked after this."""
+        """Make the batch's effects durable: Kafka outputs acknowledged and ClickHouse rows written.
+
+        Callers write their tables only after this returns. A crash before the table
+        writes replays the batch and re-emits the same (idempotent) effects; a crash
+        after them finds the effects already durable. Writing the tables first would
+        lose effects: the replay would see "already applied" and emit nothing.
+        """
         for topic, key, value, partition in ctx.sends:
             await topic.send(key=key, value=value, partition=partition)
+        if ctx.sends:
+            await self.app.producer.flush()
         pending_rows = ctx.rows
         if pending_rows:
             first = batch[0].message
@@ -252,6 +262,7 @@ class Pipeline:
         replicas: dict[tuple[int, str], dict | None] = {}
 
         def load(key: bytes) -> tuple[dict | None, list | None]:
+            """State and parked events of a key of the current event's partition (batch cache first)."""
             if key not in states:
                 raw = self.enrollments.get(key)
                 states[key] = orjson.loads(raw) if raw else None
@@ -276,12 +287,10 @@ class Pipeline:
                 internal = orjson.loads(event.value)
                 kind = internal["type"]
                 if kind == "tick":
-                    await self._flush_dirty(dirty, event)
-                    self._tick_partition(event, internal["now_ms"], replicas, states, parked, store, load)
+                    self._tick_partition(event, internal["now_ms"], replicas, dirty, store, load)
                     continue
                 if kind.startswith("automation."):
-                    await self._flush_dirty(dirty, event)
-                    self._fan_out(event, internal, replicas, states, parked, store, load)
+                    self._fan_out(ctx, event, internal, replicas, dirty, store, load)
                     continue
                 ev = internal
             else:
@@ -294,14 +303,14 @@ class Pipeline:
             defn = automation["defn"] if automation else None
             res = steps.contact_step(state, park, ev, defn, msg.partition, msg.offset, now_ms)
             store(event, key, res)
-        await self._flush_dirty(dirty)
         await self._finish_batch(ctx, batch)
+        self._flush_dirty(dirty)
+        for (partition, aid), replica in ctx.replica_writes.items():
+            _set_current(ctx.replica_events[(partition, aid)])
+            self.replicas[aid.encode()] = _dumps(replica)
 
-    async def _flush_dirty(self, dirty: dict, current: Any = None) -> None:
-        """Write each changed key once, to the changelog partition of the event that last changed it.
-
-        ``current`` is made the current event again afterwards (reads select their partition by it).
-        """
+    def _flush_dirty(self, dirty: dict) -> None:
+        """Write each changed key once, to the changelog partition of the event that last changed it."""
         for key, (event, _, state, park, s_dirty, p_dirty) in dirty.items():
             _set_current(event)
             if s_dirty:
@@ -316,8 +325,6 @@ class Pipeline:
                 else:
                     self.parked.pop(key, None)
         dirty.clear()
-        if current is not None:
-            _set_current(current)
 
     def _update_resume_index(self, key: bytes, state: dict) -> None:
         due = enrollment.next_resume_at(state)
@@ -330,39 +337,51 @@ class Pipeline:
             if current != value:
                 self.resume_index[key] = value
 
-    def _fan_out(self, event: Any, internal: dict, replicas: dict, states: dict, parked: dict,
-                 store: Any, load: Any) -> None:
+    @staticmethod
+    def _batch_keys(dirty: dict, partition: int, prefix: bytes, stored: Iterable[bytes]) -> list[bytes]:
+        """Keys of a partition with a prefix: those stored in RocksDB and those changed in this batch."""
+        keys = dict.fromkeys(stored)
+        for key, entry in dirty.items():
+            if key.startswith(prefix) and entry[0].message.partition == partition:
+                keys[key] = None
+        return list(keys)
+
+    def _fan_out(self, ctx: "Batch", event: Any, internal: dict, replicas: dict, dirty: dict, store: Any,
+                 load: Any) -> None:
         """An automation's definition or lifecycle reached this partition: apply it to its keys."""
         partition = event.message.partition
         aid = internal["automation_id"]
         replica = internal["replica"]
-        self.replicas[aid.encode()] = _dumps(replica)
         replicas[(partition, aid)] = replica
+        ctx.replica_writes[(partition, aid)] = replica
+        ctx.replica_events[(partition, aid)] = event
         defn = replica["defn"]
         prefix = f"{aid}{SEP}".encode()
         if internal["type"] == "automation.published":
-            keys = [key for key, _ in iter_partition(self.parked, partition, prefix)]
-            for key in keys:
+            stored = (key for key, _ in iter_partition(self.parked, partition, prefix))
+            for key in self._batch_keys(dirty, partition, prefix, stored):
                 state, park = load(key)
                 if park:
                     store(event, key, steps.contact_unpark(state, park, defn))
             return
         lifecycle = internal["event"]
-        for key, _ in list(iter_partition(self.enrollments, partition, prefix)):
+        stored = (key for key, _ in iter_partition(self.enrollments, partition, prefix))
+        for key in self._batch_keys(dirty, partition, prefix, stored):
             state, park = load(key)
             if state is None:
                 continue
             res = steps.contact_step(state, park, lifecycle, defn, partition, event.message.offset)
             store(event, key, res)
 
-    def _tick_partition(self, event: Any, now_ms: int, replicas: dict, states: dict, parked: dict,
-                        store: Any, load: Any) -> None:
+    def _tick_partition(self, event: Any, now_ms: int, replicas: dict, dirty: dict, store: Any, load: Any) -> None:
         partition = event.message.partition
-        for key, raw_due in list(iter_partition(self.resume_index, partition)):
-            if int(raw_due) > now_ms:
-                continue
+        stored = (key for key, due in iter_partition(self.resume_index, partition) if int(due) <= now_ms)
+        for key in self._batch_keys(dirty, partition, b"", stored):
             state, park = load(key)
             if state is None:
+                continue
+            due = enrollment.next_resume_at(state)
+            if due is None or due > now_ms:
                 continue
             aid = key.split(SEP.encode(), 1)[0].decode()
             replica = self._replica(partition, aid, replicas)
@@ -394,15 +413,16 @@ class Pipeline:
             if res.changed:
                 dirty[key] = event
             self._queue_output(ctx, res.output)
+        await self._finish_batch(ctx, batch)
         for key, event in dirty.items():
             _set_current(event)
             self.messages[key] = _dumps(states[key])
-        await self._finish_batch(ctx, batch)
 
     # ---- automations ----------------------------------------------------------------------------
 
     async def process_automations(self, batch: list[Any]) -> None:
         ctx = Batch()
+        replicas: dict[str, tuple[Any, dict | None]] = {}  # automation_id -> (last event, replica)
         for event in batch:
             _set_current(event)
             if not event.value:
@@ -411,12 +431,15 @@ class Pipeline:
             if ev is None:
                 continue
             aid = ev["automation_id"]
-            raw = self.automations.get(aid.encode())
-            current = orjson.loads(raw) if raw else None
+            if aid in replicas:
+                current = replicas[aid][1]
+            else:
+                raw = self.automations.get(aid.encode())
+                current = orjson.loads(raw) if raw else None
             replica = apply_automation_event(current, ev)
             if replica is None or replica == current:
                 continue
-            self.automations[aid.encode()] = _dumps(replica)
+            replicas[aid] = (event, replica)
             if replica.get("defn") is None:
                 continue  # lifecycle before the definition: kept, sent along once it arrives
             ctx.rows.setdefault("automations", []).append(
@@ -429,6 +452,9 @@ class Pipeline:
             for partition in range(self.settings.partitions):
                 ctx.sends.append((self.to_contacts, aid.encode(), _dumps(message), partition))
         await self._finish_batch(ctx, batch)
+        for aid, (event, replica) in replicas.items():
+            _set_current(event)
+            self.automations[aid.encode()] = _dumps(replica)
 
 
 def apply_automation_event(current: dict | None, ev: dict) -> dict | None:

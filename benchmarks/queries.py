@@ -15,7 +15,8 @@ Then prints the median latency (``--runs`` runs, after one warm-up) of each
 endpoint's queries as the API runs them (``sendtrail.api.queries.Queries``,
 including the ``total`` count), twice: as loaded (parts not merged) and after
 ``OPTIMIZE ... FINAL``; the ZIP export of 1,000,000 and of 100,000 rows
-through the real HTTP route (rows/s, bytes, RSS growth sampled every 10 ms).
+and 5,000,000 rows through the real HTTP route after a warm-up (rows/s,
+bytes, RSS growth over the start of each export, sampled every 10 ms).
 The last line is one JSON object with every figure.
 """
 from __future__ import annotations
@@ -249,7 +250,10 @@ def main() -> None:
             result["query_ms_merged"] = bench_queries(deps, args.runs)
 
         exports = {}
-        for automation_id in ("a2", "a1"):
+        # warm-up (threads, allocator caches), then 100k, 1M and 5M rows: RSS growth must not follow the rows
+        bench_export(deps, "a2")
+        bench_export(deps, "a1")
+        for automation_id in ("a2", "a1", "a0"):
             n = client.query("SELECT count() FROM bench.recipients FINAL WHERE automation_id = {a:String}",
                              parameters={"a": automation_id}).result_rows[0][0]
             r = bench_export(deps, automation_id)
@@ -264,9 +268,11 @@ def main() -> None:
         final = result.get("query_ms_merged") or result["query_ms_as_loaded"]
         result["slow_queries_merged"] = {k: v for k, v in final.items() if v >= TARGET_MS}
         result["slow_queries_as_loaded"] = {k: v for k, v in result["query_ms_as_loaded"].items() if v >= TARGET_MS}
-        big = max(exports.values(), key=lambda e: e["rows"])
-        result["export_rows_per_s"] = big["rows_per_s"]
-        result["export_target_met"] = big["rows_per_s"] >= TARGET_EXPORT_ROWS_S
+        one_m = exports.get("1000000") or max(exports.values(), key=lambda e: e["rows"])
+        result["export_1m_rows_per_s"] = one_m["rows_per_s"]
+        result["export_1m_seconds"] = one_m["seconds"]
+        result["export_target_met"] = one_m["rows_per_s"] >= TARGET_EXPORT_ROWS_S
+        result["export_rss_growth_mb_by_rows"] = {k: v["rss_growth_mb"] for k, v in exports.items()}
     finally:
         client.close()
         if not args.keep and not args.path:

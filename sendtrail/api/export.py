@@ -14,17 +14,22 @@ Two ways to produce rows:
   export costs Python only a join and the compression. Run such queries with
   :data:`CSV_QUERY_SETTINGS` (CRLF line ends, empty NULLs).
 
-ZIP: :class:`ZipStream` writes one entry incrementally (data descriptors,
-ZIP64) to an unseekable sink and hands back the bytes produced so far, for
-an aiohttp ``StreamResponse``.
+ZIP: :class:`ZipWriter` writes one ZIP64 entry as a stream (data
+descriptor, no seeking); :func:`azip_chunks` deflates pieces on several
+threads at once and yields the archive's bytes in order, for an aiohttp
+``StreamResponse``.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as _dt
+import os
 import re
+import struct
 import unicodedata
-import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
 
@@ -192,111 +197,149 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
-class _Sink:
-    """An unseekable file for zipfile that keeps only the bytes not yet taken."""
+class ZipWriter:
+    """A one-entry ZIP64 archive written as a stream (no seeking, no buffering of the data).
 
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-
-    def write(self, data: bytes) -> int:
-        if data:
-            self._parts.append(bytes(data))
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def take(self) -> bytes:
-        out = b"".join(self._parts)
-        self._parts.clear()
-        return out
-
-
-class ZipStream:
-    """A one-entry ZIP written incrementally.
-
-    ``start()`` returns the first bytes (local header), each ``write(data)``
-    returns the compressed bytes ready so far, ``finish()`` the rest (data
-    descriptor, central directory). ZIP64 is forced so entries over 4 GiB work.
+    The entry is deflated in independent pieces (like ``pigz --independent``):
+    each piece is compressed by its own ``zlib`` compressor and ends with a
+    sync flush, the last with an empty final block, so the concatenation is a
+    valid deflate stream and pieces can be compressed on several threads at
+    once (``zlib`` releases the GIL). The CRC and sizes go into a data
+    descriptor and the central directory, so nothing needs to be known ahead.
     """
 
     def __init__(self, entry_name: str, *, compresslevel: int = 1,
                  date_time: tuple[int, int, int, int, int, int] | None = None):
-        self._sink = _Sink()
-        self._zip = zipfile.ZipFile(self._sink, mode="w", compression=zipfile.ZIP_DEFLATED,
-                                    compresslevel=compresslevel, allowZip64=True)
-        info = zipfile.ZipInfo(entry_name, date_time=date_time or _dt.datetime.now(_dt.timezone.utc).timetuple()[:6])
-        info.compress_type = zipfile.ZIP_DEFLATED
-        info.external_attr = 0o644 << 16
-        self._info = info
-        self._entry = None
+        self.name = entry_name.encode("utf-8")
+        self.level = compresslevel
+        y, mo, d, h, mi, sec = date_time or _dt.datetime.now(_dt.timezone.utc).timetuple()[:6]
+        self._dos_date = ((max(y, 1980) - 1980) << 9) | (mo << 5) | d
+        self._dos_time = (h << 11) | (mi << 5) | (sec // 2)
+        self.crc = 0
+        self.raw_size = 0
+        self.compressed_size = 0
+        self.offset = 0  # bytes written so far
+        self._flags = 0x0808  # data descriptor + UTF-8 name
 
-    def start(self) -> bytes:
-        self._entry = self._zip.open(self._info, mode="w", force_zip64=True)
-        return self._sink.take()
+    def compress_piece(self, data: bytes) -> bytes:
+        """``data`` deflated on its own, ending byte-aligned (thread-safe: no shared state)."""
+        co = zlib.compressobj(self.level, zlib.DEFLATED, -15)
+        return co.compress(data) + co.flush(zlib.Z_SYNC_FLUSH)
 
-    def write(self, data: bytes) -> bytes:
-        assert self._entry is not None, "call start() first"
-        self._entry.write(data)
-        return self._sink.take()
+    def header(self) -> bytes:
+        extra = struct.pack("<HHQQ", 1, 16, 0, 0)
+        out = struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, self._flags, 8, self._dos_time, self._dos_date,
+                          0, 0xFFFFFFFF, 0xFFFFFFFF, len(self.name), len(extra)) + self.name + extra
+        self.offset += len(out)
+        return out
+
+    def piece(self, data: bytes, compressed: bytes) -> bytes:
+        """Account for one piece (``data`` and its :meth:`compress_piece`); returns the bytes to send."""
+        self.crc = zlib.crc32(data, self.crc)
+        self.raw_size += len(data)
+        self.compressed_size += len(compressed)
+        self.offset += len(compressed)
+        return compressed
 
     def finish(self) -> bytes:
-        if self._entry is not None:
-            self._entry.close()
-            self._entry = None
-        self._zip.close()
-        return self._sink.take()
+        final_block = b"\x03\x00"  # an empty final deflate block ends the stream
+        self.compressed_size += len(final_block)
+        data_end = self.offset + len(final_block)
+        descriptor = struct.pack("<IIQQ", 0x08074B50, self.crc, self.compressed_size, self.raw_size)
+        cd_offset = data_end + len(descriptor)
+        extra = struct.pack("<HHQQQ", 1, 24, self.raw_size, self.compressed_size, 0)
+        central = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, (3 << 8) | 45, 45, self._flags, 8,
+                              self._dos_time, self._dos_date, self.crc, 0xFFFFFFFF, 0xFFFFFFFF, len(self.name),
+                              len(extra), 0, 0, 0, 0o100644 << 16, 0xFFFFFFFF) + self.name + extra
+        zip64_end_offset = cd_offset + len(central)
+        zip64_end = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, 1, 1, len(central), cd_offset)
+        locator = struct.pack("<IIQI", 0x07064B50, 0, zip64_end_offset, 1)
+        end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central), min(cd_offset, 0xFFFFFFFF), 0)
+        out = final_block + descriptor + central + zip64_end + locator + end
+        self.offset += len(out)
+        return out
 
 
-def zip_chunks(entry_name: str, chunks: Iterable[bytes], *, flush_bytes: int = 1 << 20,
-               date_time: tuple[int, int, int, int, int, int] | None = None) -> Iterator[bytes]:
-    """A ZIP (one entry of the concatenated ``chunks``) as an iterator of byte strings.
-
-    Holds at most about ``flush_bytes`` of input at a time.
-    """
-    z = ZipStream(entry_name, date_time=date_time)
-    head = z.start()
-    if head:
-        yield head
+def _batches(chunks: Iterable[bytes], flush_bytes: int) -> Iterator[bytes]:
     pending: list[bytes] = []
     size = 0
     for chunk in chunks:
         pending.append(chunk)
         size += len(chunk)
         if size >= flush_bytes:
-            out = z.write(b"".join(pending))
+            yield b"".join(pending)
             pending.clear()
             size = 0
-            if out:
-                yield out
     if pending:
-        out = z.write(b"".join(pending))
+        yield b"".join(pending)
+
+
+def zip_chunks(entry_name: str, chunks: Iterable[bytes], *, flush_bytes: int = 1 << 20,
+               date_time: tuple[int, int, int, int, int, int] | None = None,
+               compresslevel: int = 1) -> Iterator[bytes]:
+    """A ZIP (one entry holding the concatenated ``chunks``) as an iterator of byte strings.
+
+    Holds about ``flush_bytes`` of input at a time.
+    """
+    z = ZipWriter(entry_name, date_time=date_time, compresslevel=compresslevel)
+    yield z.header()
+    for data in _batches(chunks, flush_bytes):
+        out = z.piece(data, z.compress_piece(data))
         if out:
             yield out
     yield z.finish()
 
 
+_COMPRESSORS: ThreadPoolExecutor | None = None
+
+
+def _compressors() -> ThreadPoolExecutor:
+    global _COMPRESSORS
+    if _COMPRESSORS is None:
+        _COMPRESSORS = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
+                                          thread_name_prefix="zip-deflate")
+    return _COMPRESSORS
+
+
 async def azip_chunks(entry_name: str, chunks: AsyncIterator[bytes], *, flush_bytes: int = 1 << 20,
-                      date_time: tuple[int, int, int, int, int, int] | None = None) -> AsyncIterator[bytes]:
-    """:func:`zip_chunks` for an async source."""
-    z = ZipStream(entry_name, date_time=date_time)
-    head = z.start()
-    if head:
-        yield head
+                      date_time: tuple[int, int, int, int, int, int] | None = None,
+                      compresslevel: int = 1, parallel: int = 3) -> AsyncIterator[bytes]:
+    """:func:`zip_chunks` for an async source, deflating up to ``parallel`` pieces at once on threads.
+
+    Memory: about ``(parallel + 1) * flush_bytes`` of input in flight.
+    """
+    loop = asyncio.get_running_loop()
+    z = ZipWriter(entry_name, date_time=date_time, compresslevel=compresslevel)
+    yield z.header()
+    in_flight: collections.deque = collections.deque()
     pending: list[bytes] = []
     size = 0
-    async for chunk in chunks:
-        pending.append(chunk)
-        size += len(chunk)
-        if size >= flush_bytes:
-            data = b"".join(pending)
-            pending.clear()
-            size = 0
-            out = await asyncio.to_thread(z.write, data)
+
+    def submit(data: bytes) -> None:
+        in_flight.append((data, loop.run_in_executor(_compressors(), z.compress_piece, data)))
+
+    async def drain(keep: int) -> AsyncIterator[bytes]:
+        while len(in_flight) > keep:
+            data, fut = in_flight.popleft()
+            out = z.piece(data, await fut)
             if out:
                 yield out
-    if pending:
-        out = await asyncio.to_thread(z.write, b"".join(pending))
-        if out:
+
+    try:
+        async for chunk in chunks:
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= flush_bytes:
+                submit(b"".join(pending))
+                pending.clear()
+                size = 0
+                async for out in drain(parallel - 1):
+                    yield out
+        if pending:
+            submit(b"".join(pending))
+        async for out in drain(0):
             yield out
+    finally:
+        for _, fut in in_flight:
+            fut.cancel()
     yield z.finish()

@@ -266,6 +266,50 @@ def parse_time(name: str, raw: str | None) -> _dt.datetime | None:
     return value
 
 
+async def read_ahead(source: AsyncIterator[bytes], depth: int = 3) -> AsyncIterator[bytes]:
+    """``source`` pulled by a background task up to ``depth`` chunks ahead of the consumer.
+
+    Lets ClickHouse produce the next chunk while the current one is compressed
+    and sent; memory stays bounded by ``depth`` chunks. The source is closed
+    when the consumer stops early (client gone).
+    """
+    queue: asyncio.Queue = asyncio.Queue(maxsize=depth)
+    done = object()
+
+    async def pump() -> None:
+        try:
+            async for chunk in source:
+                await queue.put(chunk)
+            await queue.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            item = await queue.get()
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except Exception:  # pragma: no cover - best effort
+                log.debug("closing an export stream failed", exc_info=True)
+
+
 def json_response(payload: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(payload, option=orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z),
                         status=status, content_type="application/json")
@@ -343,13 +387,16 @@ class Routes:
         return resp
 
     async def _csv_body(self, cq: CsvQuery) -> AsyncIterator[bytes]:
-        """The CSV records of ``cq`` (no header), streamed from ClickHouse."""
+        """The CSV records of ``cq`` (no header), streamed from ClickHouse, read ahead by a few chunks."""
         if self.deps.stream_raw is not None:
-            async for chunk in self.deps.stream_raw(cq.raw_sql(), cq.params):
-                yield chunk
+            source = self.deps.stream_raw(cq.raw_sql(), cq.params)
         else:
-            async for block in self.deps.stream(cq.row_sql(), cq.params):
-                yield "".join([row[0] for row in block]).encode()
+            async def rows() -> AsyncIterator[bytes]:
+                async for block in self.deps.stream(cq.row_sql(), cq.params):
+                    yield "".join([row[0] for row in block]).encode()
+            source = rows()
+        async for chunk in read_ahead(source):
+            yield chunk
 
     async def _stream_csv(self, request: web.Request, filename: str, header: Sequence[str],
                           cq: CsvQuery) -> web.StreamResponse:

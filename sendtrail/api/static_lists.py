@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from sendtrail.api.errors import BadRequest, NotFound
 from sendtrail.api.export import CsvQuery
-from sendtrail.api.queries import CONTACT_STATUSES, NODE_STATES, Page, Queries, iso, shape, sql_time
+from sendtrail.api.queries import CONTACT_STATUSES, NODE_STATES, Page, Queries, iso, shape
 
 MAX_NAME = 200
 
@@ -140,4 +140,4 @@ class StaticLists:
                         "ORDER BY contact_id", {"id": list_id})
 
 
-__all__ = ["StaticLists", "validate_create", "sql_time"]
+__all__ = ["StaticLists", "validate_create"]
