@@ -45,6 +45,8 @@ from streams.engine import enrollment
 log = logging.getLogger(__name__)
 
 SEP = "\x1f"
+DEAD_LETTER_MAX_ORIGINAL = 512 * 1024  # base64 of this stays well under Kafka's default 1 MB message limit
+DEAD_LETTER_MAX_TEXT = 64 * 1024
 INPUT_KIND = {  # contract topic name -> role
     "enrollments": "contact",
     "sends": "contact",
@@ -193,12 +195,19 @@ class Pipeline:
             "topic": contract_topic,
             "partition": msg.partition,
             "offset": msg.offset,
-            "original_base64": base64.b64encode(raw).decode(),
+            "original_size": len(raw),
         }
-        try:
-            doc["original_text"] = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
+        # The original bytes travel along, within Kafka's message size limit: text when it is
+        # small UTF-8, base64 always; an oversized original is cut (it stays at topic/partition/offset).
+        kept = raw[:DEAD_LETTER_MAX_ORIGINAL]
+        doc["original_base64"] = base64.b64encode(kept).decode()
+        if len(kept) < len(raw):
+            doc["original_truncated"] = True
+        elif len(raw) <= DEAD_LETTER_MAX_TEXT:
+            try:
+                doc["original_text"] = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
         ctx.sends.append((self.dead_out, msg.key, _dumps(doc), None))
         self.metrics.rejected(contract_topic, rejection.reason)
 
@@ -299,8 +308,7 @@ class Pipeline:
                     continue
             key = f"{ev['automation_id']}{SEP}{ev['contact_id']}".encode()
             state, park = load(key)
-            automation = self._replica(msg.partition, ev["automation_id"], replicas)
-            defn = automation["defn"] if automation else None
+            defn = engine_automation(self._replica(msg.partition, ev["automation_id"], replicas))
             res = steps.contact_step(state, park, ev, defn, msg.partition, msg.offset, now_ms)
             store(event, key, res)
         await self._finish_batch(ctx, batch)
@@ -355,7 +363,7 @@ class Pipeline:
         replicas[(partition, aid)] = replica
         ctx.replica_writes[(partition, aid)] = replica
         ctx.replica_events[(partition, aid)] = event
-        defn = replica["defn"]
+        defn = engine_automation(replica)
         prefix = f"{aid}{SEP}".encode()
         if internal["type"] == "automation.published":
             stored = (key for key, _ in iter_partition(self.parked, partition, prefix))
@@ -385,7 +393,7 @@ class Pipeline:
                 continue
             aid = key.split(SEP.encode(), 1)[0].decode()
             replica = self._replica(partition, aid, replicas)
-            res = steps.contact_tick(state, replica["defn"] if replica else None, now_ms)
+            res = steps.contact_tick(state, engine_automation(replica), now_ms)
             store(event, key, res)
 
     # ---- messages -------------------------------------------------------------------------------
@@ -457,6 +465,16 @@ class Pipeline:
             self.automations[aid.encode()] = _dumps(replica)
 
 
+def engine_automation(replica: dict | None) -> dict | None:
+    """What the engine is given: the definition, plus the archive time once archived."""
+    if replica is None or replica.get("defn") is None:
+        return None
+    archived_at = replica.get("archived_at")
+    if archived_at is None:
+        return replica["defn"]
+    return {**replica["defn"], "archived_at": archived_at}
+
+
 def apply_automation_event(current: dict | None, ev: dict) -> dict | None:
     """Fold an ``automation.*`` event into the automation's replica (definition + lifecycle)."""
     replica = dict(current) if current else {"defn": None, "status": "active", "updated_at": 0, "version": 0,
@@ -475,6 +493,8 @@ def apply_automation_event(current: dict | None, ev: dict) -> dict | None:
             return current
         replica["status"] = status
         replica["lifecycle_at"] = at
+        if kind == "automation.archived":
+            replica["archived_at"] = at
     replica["updated_at"] = max(replica.get("updated_at", 0), at)
     replica["version"] = replica.get("version", 0) + 1
     return replica

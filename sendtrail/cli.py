@@ -1,4 +1,4 @@
-"""The ``sendtrail`` command: worker, migrate, generate, export, report."""
+"""The ``sendtrail`` command: worker, gateway, api, migrate, generate, export, report."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,18 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
     run_worker(settings)
     return 0
+
+
+def cmd_gateway(settings: Settings, args: argparse.Namespace) -> int:
+    from sendtrail.gateway import run_gateway
+
+    return run_gateway(settings, host=args.host, port=args.port)
+
+
+def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    from sendtrail.gateway import run_api
+
+    return run_api(settings, host=args.host, port=args.port)
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -118,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sendtrail", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("worker", help="run the agents, the ClickHouse sink, the API and /metrics")
+    for name, help_text in (
+            ("gateway", "serve only the webhooks and POST /api/v1/events (plus /metrics, /healthz, /readyz), "
+                        "publishing to Kafka; no agents, no ClickHouse"),
+            ("api", "serve only the report API against SENDTRAIL_CLICKHOUSE_URL (a server URL; with chdb:// "
+                    "never beside a worker on the same path: one process per chDB path)")):
+        edge = sub.add_parser(name, help=help_text)
+        edge.add_argument("--host", default=None, help="listen address (default $SENDTRAIL_WEB_HOST)")
+        edge.add_argument("--port", type=int, default=None, help="listen port (default $SENDTRAIL_WEB_PORT)")
     sub.add_parser("migrate", help="apply the ClickHouse migrations")
     gen = sub.add_parser("generate", help="write a seeded synthetic workload to Kafka and its oracle to a file")
     gen.add_argument("--seed", type=int, default=1)
@@ -142,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"sendtrail: {exc}\n")
         return 2
     _setup_logging(settings)
-    handler = {"worker": cmd_worker, "migrate": cmd_migrate, "generate": cmd_generate, "export": cmd_export,
+    handler = {"worker": cmd_worker, "gateway": cmd_gateway, "api": cmd_api, "migrate": cmd_migrate,
+               "generate": cmd_generate, "export": cmd_export,
                "report": cmd_report, "wait": cmd_wait}[args.command]
     return handler(settings, args)
 

@@ -115,7 +115,8 @@ MESSAGE_STATUSES: tuple[str, ...] = (
 NO_STATUS = "none"
 _STATUSES_BY_KIND: dict[str, frozenset[str]] = {
     "contact_status": frozenset(CONTACT_STATUSES),
-    "node_state": frozenset(NODE_STATES),
+    # a node whose state goes away (the run moved on) changes to "none" (streams/engine/enrollment.py)
+    "node_state": frozenset(NODE_STATES) | {NO_STATUS},
     "message_status": frozenset(MESSAGE_STATUSES),
 }
 

@@ -9,8 +9,12 @@ webhooks).
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import random
+import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
@@ -44,39 +48,300 @@ def route_of(event_type: str) -> tuple[str, str]:
     raise KeyError(event_type)
 
 
-class Publisher:
-    """Writes canonical events to Kafka and returns only once the broker acknowledged them all."""
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+_WORDS: dict[int, struct.Struct] = {}
 
-    def __init__(self, bootstrap: str, topic_prefix: str) -> None:
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (``Utils.murmur2``; same result as ``aiokafka.partitioner.murmur2``), about 3x faster."""
+    length = len(data)
+    h = (0x9747B28C ^ length) & _MASK
+    n4 = length >> 2
+    words = _WORDS.get(n4)
+    if words is None:
+        words = _WORDS[n4] = struct.Struct(f"<{n4}I")
+    for k in words.unpack_from(data):
+        k = (k * _M) & _MASK
+        k = ((k ^ (k >> 24)) * _M) & _MASK
+        h = ((h * _M) & _MASK) ^ k
+    tail = length & 3
+    if tail:
+        base = length & ~3
+        if tail >= 3:
+            h ^= data[base + 2] << 16
+        if tail >= 2:
+            h ^= data[base + 1] << 8
+        h = ((h ^ data[base]) * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    return h ^ (h >> 15)
+
+
+_PARTITION_CACHE_MAX = 200_000
+
+
+class PublishError(RuntimeError):
+    """Kafka did not acknowledge every write of a request in time (the caller answers 503)."""
+
+
+class Publisher:
+    """Writes canonical events to Kafka and returns only once the broker acknowledged them all.
+
+    ``acks=all`` with an idempotent producer: when :meth:`publish` returns, every
+    message is on all in-sync replicas; when it raises :class:`PublishError`,
+    some may or may not be (the client retries the whole request; event ids
+    make that idempotent). The partition of a message is the one Kafka's default
+    (murmur2) partitioner gives its key, as for every other producer of the topics.
+
+    :meth:`start` does not fail when Kafka is down: it keeps reconnecting in
+    the background, and meanwhile :meth:`publish` raises :class:`PublishError`
+    and :meth:`ping` (readiness) fails, so the HTTP edge answers 503 and
+    providers retry later.
+    """
+
+    def __init__(self, bootstrap: str, topic_prefix: str, *, timeout: float = 10.0,
+                 linger_ms: int = 2, retry_seconds: float = 2.0) -> None:
         self.bootstrap = bootstrap
         self.topic_prefix = topic_prefix
+        self.timeout = timeout
+        self.linger_ms = linger_ms
+        self.retry_seconds = retry_seconds
         self._producer = None
+        self._connector: asyncio.Task | None = None
+        self._stopping = False
+        self.last_error: str | None = None
+        self._queues: dict[tuple[str, int], deque[_OpenBatch]] = {}
+        self._shippers: dict[tuple[str, int], asyncio.Future] = {}
+        self._flush_handle: asyncio.Handle | None = None
+        self._hashes: dict[bytes, int] = {}  # key -> murmur2 (message ids come back for every event)
 
-    async def start(self) -> None:
+    def _new_producer(self):
         from aiokafka import AIOKafkaProducer
 
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2,
-                                          enable_idempotence=True, max_batch_size=1 << 20,
-                                          request_timeout_ms=15000)
-        await self._producer.start()
+        return AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=self.linger_ms,
+                                enable_idempotence=True, max_batch_size=1 << 20,
+                                max_request_size=8 << 20, request_timeout_ms=int(self.timeout * 1000),
+                                metadata_max_age_ms=60_000)
+
+    async def _connect_once(self) -> bool:
+        producer = self._new_producer()
+        try:
+            await producer.start()
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            try:
+                await producer.stop()
+            except Exception:
+                pass
+            return False
+        self._producer = producer
+        self.last_error = None
+        return True
+
+    async def start(self, *, wait: bool = False) -> None:
+        """Connect; when Kafka does not answer, keep trying in the background (``wait``: raise instead)."""
+        self._stopping = False
+        if self._producer is not None:
+            return
+        if await self._connect_once():
+            return
+        if wait:
+            raise PublishError(f"Kafka at {self.bootstrap} does not answer: {self.last_error}")
+        log.warning("Kafka at %s does not answer (%s); retrying in the background", self.bootstrap,
+                    self.last_error)
+        self._connector = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        while not self._stopping and self._producer is None:
+            await asyncio.sleep(self.retry_seconds)
+            if await self._connect_once():
+                log.info("connected to Kafka at %s", self.bootstrap)
+                return
+
+    @property
+    def connected(self) -> bool:
+        return self._producer is not None
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._connector is not None:
+            self._connector.cancel()
+            try:
+                await self._connector
+            except BaseException:
+                pass
+            self._connector = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+            self._flush()
+            if self._shippers:
+                await asyncio.wait(list(self._shippers.values()), timeout=self.timeout)
+            producer, self._producer = self._producer, None
+            await producer.stop()  # waits for the batches handed over
+        for queue in self._queues.values():
+            for batch in queue:
+                batch.fail(PublishError("the publisher stopped"))
+        self._queues.clear()
 
     async def publish(self, messages: Sequence[tuple[str, bytes | None, bytes]]) -> None:
-        """``messages``: (contract topic, key, value). Raises when any write is not acknowledged."""
-        if self._producer is None:
-            raise RuntimeError("publisher not started")
-        futures = [await self._producer.send(self.topic_prefix + topic, value=value, key=key)
-                   for topic, key, value in messages]
-        await asyncio.gather(*futures)
+        """``messages``: (contract topic, key, value). Raises :class:`PublishError` unless all were acknowledged.
+
+        Messages of concurrent calls are appended to shared per-partition record
+        batches (cheaper than one ``producer.send`` per message); one batch per
+        partition is handed to the producer at a time, the next one fills meanwhile,
+        so ordering per key is kept and the batches grow with the load.
+        """
+        producer = self._producer
+        if producer is None:
+            raise PublishError(f"not connected to Kafka at {self.bootstrap}"
+                               + (f" ({self.last_error})" if self.last_error else ""))
+        if not messages:
+            return
+        deadline = time.monotonic() + self.timeout
+        try:
+            waiters = await asyncio.wait_for(self._append_all(producer, messages), self.timeout)
+        except asyncio.TimeoutError:
+            raise PublishError(f"Kafka did not answer within {self.timeout:g}s (topic metadata)") from None
+        except PublishError:
+            raise
+        except Exception as exc:
+            raise PublishError(f"Kafka refused the writes: {type(exc).__name__}: {exc}") from exc
+        done, pending = await asyncio.wait(waiters, timeout=max(deadline - time.monotonic(), 0.001))
+        failure = None
+        for fut in done:
+            exc = fut.exception()
+            if exc is not None and failure is None:
+                failure = exc
+        if pending:
+            raise PublishError(f"Kafka did not acknowledge the writes within {self.timeout:g}s")
+        if failure is not None:
+            raise PublishError(f"Kafka refused a write: {type(failure).__name__}: {failure}") from failure
+
+    async def _append_all(self, producer, messages) -> set:
+        prefix = self.topic_prefix
+        parts_of: dict[str, int] = {}
+        queues = self._queues
+        waiters = set()
+        touched = set()
+        hashes = self._hashes
+        for topic, key, value in messages:
+            full = prefix + topic
+            n = parts_of.get(full)
+            if n is None:
+                n = parts_of[full] = await self._partition_count(producer, full)
+            if key is None:
+                part = random.randrange(n)
+            else:
+                h = hashes.get(key)
+                if h is None:
+                    if len(hashes) >= _PARTITION_CACHE_MAX:
+                        hashes.clear()
+                    h = hashes[key] = murmur2(key) & 0x7FFFFFFF
+                part = h % n  # Kafka's default partitioner (Java clients, aiokafka, Faust)
+            tp = (full, part)
+            queue = queues.get(tp)
+            if queue is None:
+                queue = queues[tp] = deque()
+            if not queue:  # the partition's shipper (if any) took the last batch: open a new one
+                queue.append(_OpenBatch(producer))
+            batch = queue[-1]
+            if batch.builder.append(timestamp=None, key=key, value=value) is None:
+                batch = _OpenBatch(producer)
+                queue.append(batch)
+                if batch.builder.append(timestamp=None, key=key, value=value) is None:
+                    raise PublishError(f"a message of {len(value)} bytes is larger than a Kafka batch")
+            waiters.add(batch.acked)
+            touched.add(tp)
+        for tp in touched:
+            if tp not in self._shippers:
+                self._schedule_flush()
+                break
+        return waiters
+
+    async def _partition_count(self, producer, topic: str) -> int:
+        parts = await producer.partitions_for(topic)
+        if not parts:
+            raise PublishError(f"topic {topic} has no partitions")
+        return len(parts)
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            if self.linger_ms > 0:
+                self._flush_handle = loop.call_later(self.linger_ms / 1000, self._flush)
+            else:
+                self._flush_handle = loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        for tp, queue in list(self._queues.items()):
+            if queue and tp not in self._shippers:
+                self._shippers[tp] = asyncio.ensure_future(self._ship(tp))
+
+    async def _ship(self, tp: tuple[str, int]) -> None:
+        """Hand the partition's batches to the producer in order, one at a time (the producer takes the
+        next when the previous one is on the wire; meanwhile the open batch keeps filling)."""
+        queue = self._queues.get(tp)
+        try:
+            while queue:
+                batch = queue.popleft()
+                batch.builder.close()
+                producer = self._producer
+                if producer is None:
+                    batch.fail(PublishError("the Kafka producer was stopped"))
+                    continue
+                try:
+                    fut = await producer.send_batch(batch.builder, tp[0], partition=tp[1])
+                except Exception as exc:
+                    batch.fail(exc)
+                    continue
+                fut.add_done_callback(batch.resolve)
+        finally:
+            self._shippers.pop(tp, None)
+            if queue is not None and not queue and self._queues.get(tp) is queue:
+                del self._queues[tp]
+            elif queue:
+                self._schedule_flush()
 
     async def ping(self, timeout: float = 2.0) -> None:
         if self._producer is None:
-            raise RuntimeError("publisher not started")
+            raise PublishError(f"not connected to Kafka at {self.bootstrap}"
+                               + (f" ({self.last_error})" if self.last_error else ""))
         await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout)
+
+
+class _OpenBatch:
+    """A record batch being filled for one partition, and the future of its acknowledgement."""
+
+    __slots__ = ("builder", "acked")
+
+    def __init__(self, producer) -> None:
+        self.builder = producer.create_batch()
+        self.acked: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.acked.add_done_callback(_consume_exception)
+
+    def resolve(self, fut: asyncio.Future) -> None:
+        if self.acked.done():
+            return
+        if fut.cancelled():
+            self.acked.set_exception(PublishError("the write was cancelled"))
+        elif fut.exception() is not None:
+            self.acked.set_exception(fut.exception())
+        else:
+            self.acked.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.acked.done():
+            self.acked.set_exception(exc)
+
+
+def _consume_exception(fut: asyncio.Future) -> None:
+    """Mark a failed acknowledgement as seen (its publish() may have timed out already)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 @dataclass
@@ -120,7 +385,7 @@ def build_web_app(deps: WebDeps) -> web.Application:
             return response
         except ApiError as exc:
             status = exc.status
-            return _error(exc.status, exc.code, exc.message)
+            return _json(exc.to_dict(), status=exc.status)
         except web.HTTPException as exc:
             status = exc.status
             if exc.status >= 400:
@@ -173,13 +438,24 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise ApiError(413, "payload_too_large", f"the body is larger than {limit} bytes") from None
 
 
+def _unavailable(message: str) -> web.Response:
+    resp = _error(503, "kafka_unavailable", message)
+    resp.headers["Retry-After"] = "5"
+    return resp
+
+
 def _events_handler(deps: WebDeps):
     settings = deps.settings
+    dumps = orjson.dumps
 
     async def post_events(request: web.Request) -> web.Response:
         if request.content_type != "application/json":
-            raise ApiError(415, "unsupported_media_type", "send events as application/json")
+            raise ApiError(415, "unsupported_media_type",
+                           f"send events as application/json, not {request.content_type or 'no content type'!r}")
         body = await _read_body(request, settings.max_body_bytes)
+        if not body.strip():
+            raise ApiError(400, "empty_body", "the body is empty; send one event object, a list of events "
+                                              "or {\"events\": [...]}")
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -188,64 +464,114 @@ def _events_handler(deps: WebDeps):
         if isinstance(events, dict):
             events = [events]
         if not isinstance(events, list) or not events:
-            raise ApiError(400, "bad_request", "send one event object, a list of events or {\"events\": [...]}")
+            raise ApiError(400, "bad_request", "send one event object, a non-empty list of events "
+                                               "or {\"events\": [...]}")
         if len(events) > MAX_EVENTS_PER_REQUEST:
-            raise ApiError(400, "too_many_events", f"at most {MAX_EVENTS_PER_REQUEST} events per request")
+            raise ApiError(400, "too_many_events", f"at most {MAX_EVENTS_PER_REQUEST} events per request, "
+                                                   f"got {len(events)}")
+        max_event = settings.max_event_bytes
         errors, messages = [], []
         for index, raw in enumerate(events):
-            parsed = parse_object(raw) if isinstance(raw, dict) else Rejection(
-                "not_an_object", "an event must be a JSON object", None)
+            if type(raw) is not dict:
+                errors.append({"index": index, "reason": "not_an_object", "field": None,
+                               "message": "an event must be a JSON object"})
+                continue
+            parsed = parse_object(raw)
             if isinstance(parsed, Rejection):
                 errors.append({"index": index, "reason": parsed.reason, "field": parsed.field,
                                "message": parsed.detail})
                 continue
+            value = dumps(raw)
+            if len(value) > max_event:
+                errors.append({"index": index, "reason": "too_large", "field": None,
+                               "message": f"the event is {len(value)} bytes; at most {max_event}"})
+                continue
             topic, key_field = route_of(parsed["type"])
-            messages.append((topic, str(parsed[key_field]).encode(), orjson.dumps(raw)))
+            messages.append((topic, str(parsed[key_field]).encode(), value))
         if errors:
             for err in errors:
                 deps.metrics.rejected("api", err["reason"])
             return _json({"error": {"code": "invalid_events", "message":
                                     f"{len(errors)} of {len(events)} events are invalid; nothing was written",
-                                    "events": errors[:100]}}, status=400)
-        await deps.publisher.publish(messages)
+                                    "events": errors}}, status=400)
+        try:
+            await deps.publisher.publish(messages)
+        except Exception as exc:
+            log.warning("could not write %d events to Kafka: %s", len(messages), exc)
+            return _unavailable(f"events not stored ({exc}); retry later")
         return _json({"accepted": len(messages)}, status=202)
 
     return post_events
 
 
+def _dead_letter(provider: str, entry: dict, received_at: float) -> tuple[str, bytes, bytes]:
+    """A provider event the adapter could not map, as a dead-letters record (same shape as the worker's)."""
+    reason = str(entry.get("reason") or "unknown_provider_event")
+    code, _, detail = reason.partition(":")
+    payload = entry.get("payload")
+    original = orjson.dumps(payload)
+    doc = {
+        "reason": code.strip() or "unknown_provider_event",
+        "detail": detail.strip() or reason,
+        "field": None,
+        "topic": f"webhooks/{provider}",
+        "provider": provider,
+        "received_at": received_at,
+        "original_text": original.decode(),
+        "original_base64": base64.b64encode(original).decode(),
+    }
+    key = None
+    if isinstance(payload, dict):
+        for name in ("sg_message_id", "MessageID", "message_id", "messageId"):
+            value = payload.get(name)
+            if isinstance(value, str) and value:
+                key = value.encode()
+                break
+    return "dead-letters", key or provider.encode(), orjson.dumps(doc)
+
+
 def _webhook_handler(deps: WebDeps):
     settings = deps.settings
+    dumps = orjson.dumps
 
     async def post_webhook(request: web.Request) -> web.Response:
         provider = request.match_info["provider"]
         started = time.perf_counter()
         if provider not in PROVIDERS:
             raise ApiError(404, "unknown_provider", f"no webhook for {provider!r}; known: {', '.join(sorted(PROVIDERS))}")
-        body = await _read_body(request, settings.max_body_bytes)
+        now = deps.now()
+        try:
+            body = await _read_body(request, settings.max_body_bytes)
+        except ApiError:
+            deps.metrics.webhook_request(provider, "bad_request", time.perf_counter() - started)
+            raise
         try:
             result = handle_webhook(provider, request.headers, body, request.headers.get("Content-Type", ""),
-                                    deps.webhook_config or WebhookConfig(None, None, None, None),
-                                    deps.now())
+                                    deps.webhook_config or WebhookConfig(None, None, None, None), now)
         except WebhookError as exc:
             outcome = {401: "rejected_auth", 403: "rejected_auth", 415: "unsupported_media",
                        503: "not_configured"}.get(exc.status, "bad_request")
             deps.metrics.webhook_request(provider, outcome, time.perf_counter() - started)
             return _error(exc.status, exc.code, exc.message)
-        messages = [("provider-events", ev["message_id"].encode(), orjson.dumps(ev)) for ev in result.events]
-        for unknown in result.unknown:
-            messages.append(("dead-letters", provider.encode(), orjson.dumps({
-                "reason": "unknown_provider_event", "detail": unknown.get("reason"),
-                "topic": f"webhooks/{provider}", "original_text": orjson.dumps(unknown.get("payload")).decode(),
-            })))
+        messages = [("provider-events", ev["message_id"].encode(), dumps(ev)) for ev in result.events]
+        for entry in result.unknown:
+            messages.append(_dead_letter(provider, entry, now))
         try:
             if messages:
                 await deps.publisher.publish(messages)
-        except Exception:
+        except Exception as exc:
             deps.metrics.webhook_request(provider, "error", time.perf_counter() - started)
-            log.exception("could not write %d %s webhook events to Kafka", len(messages), provider)
-            return _error(503, "kafka_unavailable", "events not stored; retry later")
+            log.warning("could not write %d %s webhook events to Kafka: %s", len(messages), provider, exc)
+            return _unavailable(f"events not stored ({exc}); retry later")
+        counts: dict[str, int] = {}
         for ev in result.events:
-            deps.metrics.webhook_event(provider, ev["type"])
+            counts[ev["type"]] = counts.get(ev["type"], 0) + 1
+        for type_, n in counts.items():
+            deps.metrics.webhook_event(provider, type_, n)
+        if result.unknown:
+            for entry in result.unknown:
+                deps.metrics.rejected("webhooks", str(entry.get("reason") or "").partition(":")[0] or "unknown")
+            deps.metrics.dead_letter_produced("webhooks", len(result.unknown))
         deps.metrics.webhook_request(provider, "accepted", time.perf_counter() - started)
         reply: dict[str, Any] = {"accepted": len(result.events), "unknown": len(result.unknown)}
         if result.reply:

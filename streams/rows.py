@@ -98,40 +98,20 @@ def enrollment_row(view: dict, updated_at: int) -> dict:
     }
 
 
-def node_rows(view: dict, previous_nodes: dict[int, str] | None) -> list[dict]:
-    """Node-state rows of one run; with ``previous_nodes`` only the nodes whose state changed.
+def node_change_row(change: dict, version: int) -> dict:
+    """The latest state of one node of one run, from the engine's ``node_state`` change.
 
-    A node the run no longer stands at (it moved on without the node being
-    done, which the engine does not produce, or the run was re-derived) is
-    written as ``none`` so that a latest-state read never counts it.
+    A node the run no longer stands at comes as ``none`` so a latest-state read skips it.
     """
-    rows = []
-    current = {}
-    for node in view["nodes"]:
-        current[node["step_index"]] = node["state"]
-        if previous_nodes is not None and previous_nodes.get(node["step_index"]) == node["state"]:
-            continue
-        rows.append({
-            "automation_id": view["automation_id"],
-            "contact_id": view["contact_id"],
-            "run": view["run"],
-            "step_index": node["step_index"],
-            "state": node["state"],
-            "at": node.get("at") or 0,
-            "_version": view["version"],
-        })
-    for step_index, state in (previous_nodes or {}).items():
-        if step_index not in current:
-            rows.append({
-                "automation_id": view["automation_id"],
-                "contact_id": view["contact_id"],
-                "run": view["run"],
-                "step_index": step_index,
-                "state": "none",
-                "at": 0,
-                "_version": view["version"],
-            })
-    return rows
+    return {
+        "automation_id": change["automation_id"],
+        "contact_id": change["contact_id"],
+        "run": change["run"],
+        "step_index": change["step_index"],
+        "state": change["to"] or "none",
+        "at": change["occurred_at"],
+        "_version": version,
+    }
 
 
 MESSAGE_TIME_FIELDS = (

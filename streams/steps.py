@@ -57,37 +57,39 @@ def needs_parking(state: dict | None, event: dict, automation: dict | None) -> b
     return False
 
 
-def _runs_by_number(views: list[dict]) -> dict[int, dict]:
-    return {v["run"]: v for v in views}
-
-
 def _apply_one(state: dict | None, event: dict, automation: dict | None, out: Output,
                partition: int, offset: int, now_ms: int | None) -> tuple[dict | None, bool]:
-    before = _runs_by_number(enrollment.view(state, automation)) if state is not None else {}
     res = enrollment.apply(state, event, automation, now_ms)
     if not res.changed and not res.changes:
         return res.state, False
-    _emit(before, res, event, automation, out, partition, offset)
+    _emit(res, event, automation, out, partition, offset)
     return res.state, True
 
 
-def _emit(before: dict[int, dict], res, event: dict, automation: dict | None, out: Output,
-          partition: int, offset: int) -> None:
-    after = _runs_by_number(enrollment.view(res.state, automation))
+def _emit(res, event: dict, automation: dict | None, out: Output, partition: int, offset: int) -> None:
+    """Rows and messages for what the engine reports changed.
+
+    The engine compares each run with what it last emitted (so changes that come
+    from the automation itself, e.g. its archive, are reported too); node rows
+    come straight from its ``node_state`` changes.
+    """
+    changes = res.changes
+    out.changes.extend(changes)
+    out.add_rows("status_changes", [rows.status_change_row(c) for c in changes])
+    runs = {c["run"] for c in changes}
+    if event["type"] == "contact.enrolled" or res.registrations:
+        runs.update(range(len(res.state.get("runs") or ())))
+    if not runs and not res.registrations:
+        return
+    views = {v["run"]: v for v in enrollment.view(res.state, automation)}
     updated_at = event["occurred_at"]
-    out.changes.extend(res.changes)
-    out.add_rows("status_changes", [rows.status_change_row(c) for c in res.changes])
-    for run, view in after.items():
-        old = before.get(run)
-        if old == view:
-            continue
-        out.add_rows("enrollments", [rows.enrollment_row(view, updated_at)])
-        old_nodes = {n["step_index"]: n["state"] for n in old["nodes"]} if old else None
-        out.add_rows("node_states", rows.node_rows(view, old_nodes))
+    out.add_rows("enrollments", [rows.enrollment_row(views[r], updated_at) for r in sorted(runs) if r in views])
+    version = res.state.get("version", 0)
+    out.add_rows("node_states", [rows.node_change_row(c, version) for c in changes if c["kind"] == "node_state"])
     for reg in res.registrations:
         out.to_messages.append(reg)
         if event["type"] == "step.sent" and event.get("message_id") == reg["message_id"]:
-            run_view = after.get(reg["run"]) or {"run": reg["run"]}
+            run_view = views.get(reg["run"]) or {"run": reg["run"]}
             out.add_rows("recipients", [rows.recipient_row(event, run_view, partition, offset)])
     if event["type"] == "contact.enrolled":
         out.add_rows("contacts", [rows.contact_row(event)])
@@ -138,11 +140,9 @@ def contact_unpark(state: dict | None, parked: list[dict], automation: dict, now
 def contact_tick(state: dict, automation: dict | None, now_ms: int) -> ContactResult:
     """Wall-clock tick: auto-resume out-of-office pauses whose date has passed."""
     out = Output()
-    before = _runs_by_number(enrollment.view(state, automation))
     res = enrollment.tick(state, automation, now_ms)
     if res.changed or res.changes:
-        tick_event = {"occurred_at": now_ms, "type": "tick"}
-        _emit(before, res, tick_event, automation, out, 0, 0)
+        _emit(res, {"occurred_at": now_ms, "type": "tick"}, automation, out, 0, 0)
     return ContactResult(res.state, None, res.changed, False, out)
 
 

@@ -486,9 +486,10 @@ class Queries:
                    f"AND (sipHash64(contact_id), run, step_index) IN ({candidates}) "
                    "GROUP BY contact_id, run, step_index HAVING length(message_ids) > 1")
         dcols, drows = await self._rows(
-            f"SELECT contact_id, run, step_index, arraySort(message_ids) AS message_ids FROM ({dup_sql}) "
-            "ORDER BY contact_id, run, step_index LIMIT {limit:UInt64} OFFSET {offset:UInt64}", p)
-        dup_total = await self._scalar(f"SELECT count() FROM ({dup_sql})", p)
+            f"SELECT contact_id, run, step_index, arraySort(message_ids) AS message_ids, count() OVER () AS _total "
+            f"FROM ({dup_sql}) ORDER BY contact_id, run, step_index LIMIT {{limit:UInt64}} OFFSET {{offset:UInt64}}", p)
+        dup_total = await self._window_total(dcols, drows, f"SELECT count() FROM ({dup_sql})", p)
+        dcols, drows = dcols[:-1], [r[:-1] for r in drows]
         return {
             "stuck": shape(cols, rows),
             "stuck_total": int(stuck_total or 0),
@@ -511,12 +512,51 @@ class Queries:
         "countIf(NOT spam_reported_at.null) AS spam_reports, countIf(NOT unsubscribed_at.null) AS unsubscribed "
         "FROM {messages} AS m FINAL {where} GROUP BY mailing_id {having}"
     )
+    # Fast path: the numbers per mailing (FINAL, no strings read), then the descriptive fields of the
+    # page's mailings only, one granule each (they are fixed per message by its send fact, so any row
+    # of any version of the mailing carries them; no FINAL needed).
+    _MAILING_NUMBERS = (
+        "SELECT mailing_id, any(step_index) AS step_index, min(sent_at) AS date, count() AS total_sent, "
+        "countIf(NOT delivered_at.null) AS delivered, countIf(NOT opened_at.null) AS opened, "
+        "countIf(NOT clicked_at.null) AS clicked, countIf(NOT bounced_at.null) AS bounced, "
+        "countIf(NOT dropped_at.null) AS dropped, countIf(NOT deferred_at.null) AS deferred, "
+        "countIf(NOT spam_reported_at.null) AS spam_reports, countIf(NOT unsubscribed_at.null) AS unsubscribed "
+        "FROM {messages} AS m FINAL {where} GROUP BY mailing_id {having}"
+    )
+    _MAILING_FAST_SORTS = {"date", "total_sent", "delivered", "opened", "clicked", "bounced", "mailing_id",
+                           "step_index"}
+
+    async def _mailing_page_fast(self, *, automation_id: str | None, step: int | None, period: Period,
+                                 page: Page, mailing_id: str | None = None) -> dict:
+        sql, params = self._mailings_sql(automation_id=automation_id, step=step, q=None, period=period,
+                                         mailing_id=mailing_id, template=self._MAILING_NUMBERS)
+        cols, rows = await self._rows(
+            f"SELECT *, count() OVER () AS _total FROM ({sql}) ORDER BY {page.sort} {page.order}, "
+            f"mailing_id {page.order} LIMIT {{limit:UInt64}} OFFSET {{offset:UInt64}}",
+            {**params, "limit": page.limit, "offset": page.offset})
+        total = await self._window_total(cols, rows, f"SELECT count() FROM ({sql})", params)
+        numbers = shape(cols, rows)
+        described: dict[str, dict] = {}
+        if numbers:
+            lookups = " UNION ALL ".join(
+                f"(SELECT mailing_id, automation_id, subject, sending_user, sending_email FROM {self.t('messages')} "
+                f"WHERE mailing_id = {{m{i}:String}} LIMIT 1)" for i in range(len(numbers)))
+            dcols, drows = await self._rows(lookups, {f"m{i}": n["mailing_id"] for i, n in enumerate(numbers)})
+            described = {d["mailing_id"]: d for d in shape(dcols, drows)}
+        items = []
+        for n in numbers:
+            d = described.get(n["mailing_id"], {})
+            merged = {**n, **{k: d.get(k) for k in ("automation_id", "subject", "sending_user", "sending_email")},
+                      "status": "sent"}
+            items.append({k: merged.get(k) for k in self.MAILING_COLUMNS})
+        return {"items": items, "total": total}
+
     MAILING_COLUMNS = ("mailing_id", "automation_id", "step_index", "subject", "sending_user", "sending_email",
                        "status", "date", "total_sent", "delivered", "opened", "clicked", "bounced", "dropped",
                        "deferred", "spam_reports", "unsubscribed")
 
     def _mailings_sql(self, *, automation_id: str | None, step: int | None, q: str | None, period: Period,
-                      mailing_id: str | None = None) -> tuple[str, dict]:
+                      mailing_id: str | None = None, template: str | None = None) -> tuple[str, dict]:
         # columns qualified with the table alias: the select list reuses their names as aliases
         w = Where()
         if mailing_id is not None:
@@ -528,26 +568,35 @@ class Queries:
         if q:
             w.add("positionCaseInsensitiveUTF8(m.subject, {q:String}) > 0", q=q)
         h = period.apply(Where(), "date")
-        return self._MAILING_AGG.format(messages=self.t("messages"), where=w.sql(), having=h.sql("HAVING")), \
+        return (template or self._MAILING_AGG).format(messages=self.t("messages"), where=w.sql(),
+                                                      having=h.sql("HAVING")), \
             {**w.params, **h.params}
 
     async def mailings(self, *, automation_id: str | None, step: int | None, q: str | None, period: Period,
                        page: Page) -> dict:
+        if not q and page.sort in self._MAILING_FAST_SORTS:
+            return await self._mailing_page_fast(automation_id=automation_id, step=step, period=period, page=page)
         sql, params = self._mailings_sql(automation_id=automation_id, step=step, q=q, period=period)
+        # the total rides along as a window over the (few) aggregated rows: the scan runs once
         cols, rows = await self._rows(
-            f"SELECT * FROM ({sql}) ORDER BY {page.sort} {page.order}, mailing_id {page.order} "
-            "LIMIT {limit:UInt64} OFFSET {offset:UInt64}",
+            f"SELECT *, count() OVER () AS _total FROM ({sql}) ORDER BY {page.sort} {page.order}, "
+            f"mailing_id {page.order} LIMIT {{limit:UInt64}} OFFSET {{offset:UInt64}}",
             {**params, "limit": page.limit, "offset": page.offset})
-        total = await self._scalar(f"SELECT count() FROM ({sql})", params)
-        return {"items": shape(cols, rows), "total": int(total or 0)}
+        return {"items": [{k: v for k, v in item.items() if k != "_total"} for item in shape(cols, rows)],
+                "total": await self._window_total(cols, rows, f"SELECT count() FROM ({sql})", params)}
+
+    async def _window_total(self, cols: list[str], rows: list[tuple], count_sql: str, params: Mapping[str, Any]) -> int:
+        """The ``_total`` window column of a page, or a count query when the page is past the end."""
+        if rows:
+            return int(rows[0][cols.index("_total")])
+        return int(await self._scalar(count_sql, params) or 0)
 
     async def mailing(self, mailing_id: str) -> dict:
-        sql, params = self._mailings_sql(automation_id=None, step=None, q=None, period=Period(),
-                                         mailing_id=mailing_id)
-        cols, rows = await self._rows(sql, params)
-        if not rows:
+        found = await self._mailing_page_fast(automation_id=None, step=None, period=Period(),
+                                              page=Page(1, 0, "mailing_id", "ASC"), mailing_id=mailing_id)
+        if not found["items"]:
             raise NotFound(f"mailing {mailing_id!r} not found")
-        return shape(cols, rows)[0]
+        return found["items"][0]
 
     MAILING_CSV_HEADER = ("Mailing ID", "Automation ID", "Step Index", "Subject", "Sending User", "Sending Email",
                           "Status", "Date", "Total Sent", "Delivered", "Opened", "Clicked", "Bounced", "Dropped",

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
+from hashlib import blake2b as _b2
 
 from .common import ENDED, WAITING, later, make_change, max_opt
 
@@ -67,18 +68,25 @@ _steps_cache: dict = {}
 
 
 def _steps(automation):
-    """(sorted step indices, last index, archived_at) of an automation, or None when it is unknown."""
+    """Step info of an automation, or None when it is unknown, computed once per automation object:
+
+    (sorted step indices, last index, archived_at, {index or -1: (next index, its str) or None}, str(last)).
+    The map gives the node after the last done one (_current) without a bisect for every known index.
+    """
     if automation is None:
         return None
-    key = id(automation)
-    hit = _steps_cache.get(key)
+    hit = _steps_cache.get(id(automation))
     if hit is not None and hit[0] is automation:
         return hit[1]
     idx = sorted({int(s["index"]) for s in (automation.get("steps") or ())})
-    info = (idx, idx[-1] if idx else None, automation.get("archived_at"))
+    nxt = {}
+    for pos, m in enumerate([-1] + idx):
+        nxt[m] = (idx[pos], str(idx[pos])) if pos < len(idx) else None
+    last = idx[-1] if idx else None
+    info = (idx, last, automation.get("archived_at"), nxt, None if last is None else str(last))
     if len(_steps_cache) > 512:
         _steps_cache.clear()
-    _steps_cache[key] = (automation, info)
+    _steps_cache[id(automation)] = (automation, info)
     return info
 
 
@@ -275,7 +283,7 @@ def _open_status(run, steps, now):
     h = run["hold"]
     if h is not None and _hold_active(h, run["resumed"], now):
         return h[2], h[3], "h"
-    if steps is not None and steps[1] is not None and run["max_done"] >= steps[1] and str(steps[1]) in run["done"]:
+    if steps is not None and steps[1] is not None and run["max_done"] >= steps[1] and steps[4] in run["done"]:
         return "finished", "completed", "c"
     if run["needs_enrichment"] and run["enriched_at"] is None:
         return "waiting_enrichment", None, "w"
@@ -314,9 +322,35 @@ def _nodes(run, steps, status) -> dict:
 
 
 def _refresh(state, run, steps, now, ctx, out) -> bool:
-    """Re-derive a run; append the changes against the last emitted derivation. True if it differs."""
-    status, reason, _src = _status(run, steps, now)
-    nodes = _nodes(run, steps, status)
+    """Re-derive a run; append the changes against the last emitted derivation. True if it differs.
+
+    Same derivation as _status and _nodes (inlined: this runs for most events).
+    """
+    t = run["terminal"]
+    if "archived_at" in run or (steps is not None and steps[2] is not None):
+        status, reason, _src = _status(run, steps, now)
+    elif t is not None:
+        status = t[2]
+        reason = t[3]
+    else:
+        status, reason, _src = _open_status(run, steps, now)
+    done = run["done"]
+    nodes = dict.fromkeys(done, "done") if done else {}
+    if t is not None and t[5] == "step.filtered":
+        if t[4] is not None:
+            nodes[str(t[4])] = "filtered"
+    else:
+        m = run["max_done"]
+        if steps is None:
+            nodes[str(m + 1)] = "waiting" if status in WAITING else "stopped"
+        else:
+            nx = steps[3].get(m, _MISSING)
+            if nx is _MISSING:
+                idx = steps[0]
+                pos = bisect_right(idx, m)
+                nx = (idx[pos], str(idx[pos])) if pos < len(idx) else None
+            if nx is not None:
+                nodes[nx[1]] = "waiting" if status in WAITING else "stopped"
     old = run["d"]
     if old is None:
         ostatus = oreason = None
@@ -331,18 +365,36 @@ def _refresh(state, run, steps, now, ctx, out) -> bool:
     cid = state["contact_id"]
     rn = run["run"]
     if ostatus != status or oreason != reason:
-        out.append(make_change("contact_status", aid, cid, rn, None, None, ostatus, status, reason, eid, etype, at))
+        out.append({
+            "kind": "contact_status", "automation_id": aid, "contact_id": cid, "run": rn, "step_index": None,
+            "message_id": None, "from": ostatus, "to": status, "reason": reason,
+            "event_id": eid, "event_type": etype, "occurred_at": at,
+            "change_id": _b2(f"{eid}\x1fcontact_status\x1f{aid}\x1f{cid}\x1f{rn}\x1fNone\x1fNone\x1f{status}".encode(),
+                             digest_size=16).hexdigest(),
+        })
     if onodes != nodes:
-        keys = set(onodes)
-        keys.update(nodes)
-        for k in sorted(keys, key=int):
-            a = onodes.get(k)
+        diff = [k for k, v in nodes.items() if onodes.get(k) != v]
+        for k in onodes:
+            if k not in nodes:
+                diff.append(k)
+        if len(diff) > 1:
+            diff.sort(key=int)
+        for k in diff:
             b = nodes.get(k)
-            if a != b:
-                to = "none" if b is None else b
-                out.append(make_change("node_state", aid, cid, rn, int(k), None, a, to,
-                                       reason if to in ("stopped", "filtered") else None, eid, etype, at))
+            to = "none" if b is None else b
+            ki = int(k)
+            out.append({
+                "kind": "node_state", "automation_id": aid, "contact_id": cid, "run": rn, "step_index": ki,
+                "message_id": None, "from": onodes.get(k), "to": to,
+                "reason": reason if (to == "stopped" or to == "filtered") else None,
+                "event_id": eid, "event_type": etype, "occurred_at": at,
+                "change_id": _b2(f"{eid}\x1fnode_state\x1f{aid}\x1f{cid}\x1f{rn}\x1f{ki}\x1fNone\x1f{to}".encode(),
+                                 digest_size=16).hexdigest(),
+            })
     return True
+
+
+_MISSING = object()
 
 
 # --------------------------------------------------------------------------- event handlers
@@ -432,8 +484,14 @@ def _h_resumed(state, ev, automation, steps, now, regs, run):
 
 
 def _h_scheduled(state, ev, automation, steps, now, regs, run):
-    if _set_started(run, ev["occurred_at"]):
+    at = ev["occurred_at"]
+    cur = run["started_at"]
+    if cur is None:
+        run["started_at"] = at
         return True, (run,)
+    if at < cur:  # an earlier start: the derivation only depends on whether the run started
+        run["started_at"] = at
+        return True, _NONE
     return False, _NONE
 
 
@@ -441,7 +499,12 @@ def _h_sent(state, ev, automation, steps, now, regs, run):
     at = ev["occurred_at"]
     eid = ev["event_id"]
     k = int(ev["step_index"])
-    changed = _set_started(run, at)
+    cur = run["started_at"]
+    if cur is None or at < cur:
+        run["started_at"] = at
+        changed = True
+    else:
+        changed = False
     done = run["done"]
     sk = str(k)
     cur = done.get(sk)
@@ -532,6 +595,9 @@ def _h_outcome(state, ev, automation, steps, now, regs, run):
         })
         return True, _NONE
     if _merge_outcome(run, ev):
+        if (ev["type"] == "outcome.settled" and "archived_at" not in run and (steps is None or steps[2] is None)
+                and run["d"] is not None):
+            return True, _NONE  # settled outcomes only matter to an archive (_archive_terminal): none here
         return True, (run,)
     return False, _NONE
 
@@ -639,8 +705,7 @@ def _auto_resume(state, steps, old_now, now, out, inclusive_all=False) -> bool:
 def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int | None = None) -> Result:
     etype = event["type"]
     handler = _HANDLERS.get(etype)
-    fresh = state is None
-    if fresh:
+    if state is None:
         state = _new_state(event)
     at = event["occurred_at"]
     old_now = state["now"]
@@ -652,23 +717,32 @@ def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int 
     if handler is None:
         state["now"] = now
         return Result(state, False, [], [])
-    steps = _steps(automation)
+    if automation is None:
+        steps = None
+    else:
+        hit = _steps_cache.get(id(automation))
+        steps = hit[1] if hit is not None and hit[0] is automation else _steps(automation)
     changes: list = []
     regs: list = []
     changed = False
+    runs = state["runs"]
     if now != old_now:
         state["now"] = now
-        if state["runs"]:
-            changed = _auto_resume(state, steps, old_now, now, changes)
-    n_runs = len(state["runs"])
+        for r in runs:
+            h = r["hold"]
+            if h is not None:  # auto-resume holds whose resume_at passed (as _auto_resume)
+                ra = h[4]
+                if ra is not None and old_now < ra <= now:
+                    if _refresh(state, r, steps, now, ("auto:" + h[1], AUTO_RESUME_TYPE, ra), changes):
+                        changed = True
+    n_runs = len(runs)
     run = None
     if etype in _RUN_LESS:
-        run = _latest(state, at)
+        run = runs[0] if n_runs == 1 else _latest(state, at)
         if at > run["last_at"]:
             run["last_at"] = at
             changed = True
     facts_changed, touched = handler(state, event, automation, steps, now, regs, run)
-    runs = state["runs"]
     if len(runs) != n_runs:  # a run was created (maybe with orphan outcomes merged into it)
         facts_changed = True
         touched = list(touched)
@@ -677,9 +751,10 @@ def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int 
                 touched.append(r)
     if facts_changed:
         changed = True
-        ctx = (event["event_id"], etype, at)
-        for run in touched:
-            _refresh(state, run, steps, now, ctx, changes)
+        if touched:
+            ctx = (event["event_id"], etype, at)
+            for r in touched:
+                _refresh(state, r, steps, now, ctx, changes)
     if changed:
         state["version"] += 1
     return Result(state, changed, changes, regs)

@@ -238,7 +238,8 @@ async def consume_all(bootstrap: str, topic: str, timeout: float = 10.0) -> list
             parts = consumer.assignment()
         ends = await consumer.end_offsets(list(parts))
         while time.monotonic() < deadline:
-            if all(await consumer.position(tp) >= end for tp, end in ends.items()):
+            positions = {tp: await consumer.position(tp) for tp in ends}
+            if all(positions[tp] >= end for tp, end in ends.items()):
                 break
             batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
             for records in batch.values():

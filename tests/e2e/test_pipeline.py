@@ -13,7 +13,7 @@ from sendtrail.cli import produce
 from streams.generator import generate
 from tests.e2e.harness import WorkerProcess, compare_with_oracle, consume_all, read_end_state
 
-CONTACTS = 1500
+CONTACTS = 800
 
 
 def _workload(seed: int, invalid: int = 0):

@@ -440,6 +440,12 @@ def test_mailings_table(api):
         "a1:1"]
     assert api.get("/api/v1/mailings", {"q": "miss"})["total"] == 1
     assert api.get("/api/v1/mailings", {"from": "2024-03-03", "to": "2024-03-10"})["total"] == 2  # a1:1, a1:2
+    # the fast path (numbers first, then the page's subjects) and the full aggregate agree
+    full = api.get("/api/v1/mailings", {"q": "e"})  # every subject has an e: full-aggregate path
+    assert full == body
+    subjects = [m["subject"] for m in api.get("/api/v1/mailings", {"sort": "subject", "order": "asc"})["items"]]
+    assert subjects == sorted(subjects)
+    assert api.get("/api/v1/mailings", {"limit": 2, "offset": 4}) == {"items": [], "total": 4}
     one = api.get("/api/v1/mailings/a2:0")
     check_schema(one, "/api/v1/mailings/{id}")
     assert one["total_sent"] == 5
