@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import logging
 import time
 import weakref
@@ -210,6 +211,7 @@ class Pipeline:
                 pass
         ctx.sends.append((self.dead_out, msg.key, _dumps(doc), None))
         self.metrics.rejected(contract_topic, rejection.reason)
+        self.metrics.dead_letter_produced(contract_topic)
 
     def _queue_output(self, ctx: "Batch", out: steps.Output) -> None:
         for change in out.changes:
@@ -223,6 +225,25 @@ class Pipeline:
         for table_name, table_rows in out.rows.items():
             ctx.rows.setdefault(table_name, []).extend(table_rows)
 
+    async def _send_all(self, sends: list) -> None:
+        """Produce ``(topic, key, value, partition)`` messages and wait until Kafka acknowledged them all.
+
+        Straight to the transport producer (no per-message Faust channel, future-message
+        and sensor machinery: a third of the cost of a send); the key picks the partition
+        with the same default partitioner when ``partition`` is None. Raises if any send
+        failed, so the batch is not acknowledged.
+        """
+        producer = self.app.producer
+        send = producer.send
+        futures = []
+        for topic, key, value, partition in sends:
+            futures.append(await send(topic.topics[0], key, value, partition, None, None))
+        await producer.flush()
+        for fut in futures:
+            if not fut.done():
+                await fut
+            fut.result()
+
     async def _finish_batch(self, ctx: "Batch", batch: list[Any]) -> None:
         """Make the batch's effects durable: Kafka outputs acknowledged and ClickHouse rows written.
 
@@ -231,10 +252,13 @@ class Pipeline:
         after them finds the effects already durable. Writing the tables first would
         lose effects: the replay would see "already applied" and emit nothing.
         """
-        for topic, key, value, partition in ctx.sends:
-            await topic.send(key=key, value=value, partition=partition)
         if ctx.sends:
-            await self.app.producer.flush()
+            if os.environ.get("_ST_OLD_SEND"):
+                for topic, key, value, partition in ctx.sends:
+                    await topic.send(key=key, value=value, partition=partition)
+                await self.app.producer.flush()
+            else:
+                await self._send_all(ctx.sends)
         pending_rows = ctx.rows
         if pending_rows:
             first = batch[0].message
@@ -308,8 +332,11 @@ class Pipeline:
                     continue
             key = f"{ev['automation_id']}{SEP}{ev['contact_id']}".encode()
             state, park = load(key)
+            ignored_before = len(state.get("ignored", ())) if state else 0
             defn = engine_automation(self._replica(msg.partition, ev["automation_id"], replicas))
             res = steps.contact_step(state, park, ev, defn, msg.partition, msg.offset, now_ms)
+            if res.state is not None and len(res.state.get("ignored", ())) > ignored_before:
+                self.metrics.ignored_enrollment("other")
             store(event, key, res)
         await self._finish_batch(ctx, batch)
         self._flush_dirty(dirty)

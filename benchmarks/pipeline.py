@@ -614,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("aiokafka").setLevel(logging.ERROR)  # NotLeaderForPartition retries right after creation
-    work = Path(tempfile.mkdtemp(prefix="sendtrail-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="sendtrail-pipeline-bench-"))
     kafka = None
     try:
         bootstrap = args.bootstrap

@@ -367,7 +367,6 @@ def test_webhook_without_a_configured_secret_is_counted_not_configured(observed)
 
 
 @needs_prometheus
-@pytest.mark.xfail(strict=False, reason="agents/app.py does not record dead_letter_produced yet")
 def test_dead_letters_produced_are_counted(observed):
     prom, workload = observed["prom"], observed["workload"]
     assert prom.value('sum(sendtrail_dead_letters_produced_total{job="sendtrail"})') == sum(
@@ -375,7 +374,6 @@ def test_dead_letters_produced_are_counted(observed):
 
 
 @needs_prometheus
-@pytest.mark.xfail(strict=False, reason="agents/app.py does not record ignored_enrollment yet")
 def test_ignored_enrollments_are_counted(observed):
     prom, workload = observed["prom"], observed["workload"]
     expected = workload.oracle["ignored_enrollments"]

@@ -252,3 +252,72 @@ def test_archive_fan_out_applies_to_held_runs():
     es = E.apply(es, dict(base, event_id="arch", type="automation.archived", occurred_at=T0 + 2), automation).state
     assert (E.view(es, automation)[0]["status"], E.view(es, automation)[0]["reason"]) == ("canceled",
                                                                                            "automation_archived")
+
+
+def _earliest_outcomes(outcomes: list) -> dict:
+    """{outcome type: the last forwarded (occurred_at, source event id, reason, return_at)}."""
+    last = {}
+    for o in outcomes:
+        last[o["type"]] = (o["occurred_at"], o["event_id"].split(":", 1)[1], o["reason"], o["return_at"])
+    return last
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_incremental_status_and_outcomes_match_a_full_rederivation(seed):
+    """The machine compares only what an event's flag can move; check it against the full derivation.
+
+    Random provider events (duplicates, ties on time, every flag and bounce class) with the registration
+    at a random position; after each event the emitted status and forwarded outcomes must agree with the
+    state's facts derived from scratch, and replaying the whole stream must change nothing.
+    """
+    import random
+
+    rnd = random.Random(seed)
+    kinds = ["sent", "delivered", "deferred", "opened", "clicked", "bounced", "dropped", "spam_reported",
+             "unsubscribed", "resubscribed", "replied", "auto_replied"]
+    events = []
+    for i in range(rnd.randint(1, 25)):
+        kind = rnd.choice(kinds)
+        events.append(pev(kind, rnd.randint(0, 6), eid=f"p{rnd.randint(0, 12)}",
+                          bounce_class=rnd.choice([None, "hard", "block", "soft"]) if kind == "bounced" else None,
+                          return_at=T0 + rnd.randint(0, 99) if kind == "auto_replied" else None,
+                          email=rnd.choice([None, "ann@x.io"])))
+    events.insert(rnd.randint(0, len(events)), reg(rnd.randint(0, 6)))
+    state, status, outcomes = None, None, []
+    for e in events:
+        r = M.apply(state, e)
+        state = r.state
+        for c in r.changes:
+            assert c["from"] == status
+            status = c["to"]
+        outcomes.extend(r.outcomes)
+        v = M.view(state)
+        if v is None:
+            assert not r.changes and not r.outcomes
+            continue
+        assert v["status"] == status
+        derived = {}
+        flags = state["f"]
+        settled = [tuple(flags[k]) for k in ("delivered", "bounced", "dropped") if k in flags]
+        if settled:
+            at, eid = min(settled)
+            derived["outcome.settled"] = (at, eid, None, None)
+        for name in ("unsubscribed", "replied"):
+            if name in flags:
+                derived[f"outcome.{name}"] = (flags[name][0], flags[name][1], None, None)
+        bounce = state["bounce"]
+        cands = []
+        if "hard" in bounce:
+            cands.append((bounce["hard"][0], bounce["hard"][1], "hard_bounce"))
+        elif "block" in bounce:
+            cands.append((bounce["block"][0], bounce["block"][1], "block"))
+        if "spam_reported" in flags:
+            cands.append((flags["spam_reported"][0], flags["spam_reported"][1], "spam_report"))
+        if cands:
+            derived["outcome.bounced"] = (*min(cands, key=lambda c: (c[0], c[1])), None)
+        if state["auto"] is not None:
+            derived["outcome.auto_replied"] = (state["auto"][0], state["auto"][1], None, state["auto"][2])
+        assert _earliest_outcomes(outcomes) == derived
+    for e in events:  # replay: nothing new
+        r = M.apply(state, e)
+        assert not r.changed and not r.changes and not r.outcomes
