@@ -182,6 +182,29 @@ def attach_faust_monitor(app: Any, registry: CollectorRegistry, prefix: str = FA
     return monitor
 
 
+class FaultInjectingClient:
+    """A ClickHouse client whose inserts fail while ``fault_file`` exists (SENDTRAIL_SINK_FAULT_FILE)."""
+
+    def __init__(self, client: Any, fault_file: Any) -> None:
+        self._client = client
+        self._fault_file = fault_file
+
+    def insert(self, *args: Any, **kwargs: Any) -> Any:
+        if self._fault_file.exists():
+            raise ConnectionError(f"ClickHouse unavailable (injected: {self._fault_file} exists)")
+        return self._client.insert(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def sink_client(settings: Settings) -> Any:
+    client = connect(settings.clickhouse_url)
+    if settings.sink_fault_file is not None:
+        return FaultInjectingClient(client, settings.sink_fault_file)
+    return client
+
+
 def build_worker(settings: Settings) -> tuple[Pipeline, type]:
     """The Faust app of the worker, with the HTTP server and the sink as its services.
 
@@ -192,7 +215,7 @@ def build_worker(settings: Settings) -> tuple[Pipeline, type]:
     registry = metrics.registry
     metrics.set_sink_backlog_limit(settings.sink_max_backlog_rows)
     metrics.touch_sink_tables()
-    sink = BatchWriter(lambda: connect(settings.clickhouse_url), max_rows=settings.batch_size * 4,
+    sink = BatchWriter(lambda: sink_client(settings), max_rows=settings.batch_size * 4,
                        max_seconds=settings.batch_seconds, max_backlog_rows=settings.sink_max_backlog_rows,
                        retry_max_seconds=settings.sink_retry_max_seconds, metrics=SinkMetrics(metrics))
     pipeline = Pipeline(settings, metrics, sink)

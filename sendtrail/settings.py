@@ -82,6 +82,9 @@ class Settings:
     stuck_after_seconds: int = 7 * 24 * 3600
     resume_check_seconds: float = 30.0
     log_level: str = "info"
+    #: Chaos switch for game days and the outage test: while this file exists, every
+    #: ClickHouse insert of the sink fails as if the server were down.
+    sink_fault_file: Path | None = None
     migrate_on_start: bool = True
 
     def __post_init__(self) -> None:
@@ -140,7 +143,7 @@ class Settings:
                 values[name] = _float(name.upper(), raw, 0.001, 86_400.0)
             elif name == "migrate_on_start":
                 values[name] = _bool(name.upper(), raw)
-            elif name in ("data_dir", "ses_cert_file"):
+            elif name in ("data_dir", "ses_cert_file", "sink_fault_file"):
                 values[name] = Path(raw) if raw else default
             elif name in ("api_token", "sendgrid_public_key", "mailgun_signing_key", "postmark_auth"):
                 values[name] = raw or None

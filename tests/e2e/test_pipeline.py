@@ -130,3 +130,36 @@ async def _reset_group(worker: WorkerProcess) -> None:
         await consumer.commit({tp: off for tp, off in beginnings.items()})
     finally:
         await consumer.stop()
+
+
+def test_clickhouse_outage_mid_stream_holds_back_and_loses_nothing(tmp_path, kafka_bootstrap, topic_prefix):
+    fault = tmp_path / "clickhouse-down"
+    worker = WorkerProcess(tmp_path, kafka_bootstrap, topic_prefix,
+                           extra_env={"SENDTRAIL_SINK_FAULT_FILE": str(fault)})
+    try:
+        workload = _workload(seed=15)
+        events = workload.events
+        half = len(events) // 2
+        worker.start()
+        worker.wait_http("/healthz")
+        _produce(worker, events[:half])
+        time.sleep(3.0)
+        fault.touch()  # every ClickHouse insert fails from now on
+        _produce(worker, events[half:])
+        deadline = time.monotonic() + 60
+        failures = 0.0
+        while time.monotonic() < deadline and failures == 0:
+            time.sleep(1.0)
+            status, body = worker.get("/metrics")
+            assert status == 200
+            failures = sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+                           if line.startswith("sendtrail_sink_failures_total{"))
+        assert failures > 0, "the sink never saw the outage"
+        assert worker.get("/healthz")[0] == 200  # held back, not crashed
+        time.sleep(3.0)
+        fault.unlink()  # ClickHouse is back
+        worker.wait_caught_up(timeout=400)
+        worker.stop()
+        _assert_exact(worker, workload.oracle)
+    finally:
+        worker.stop()
