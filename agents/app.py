@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import logging
 import time
 import weakref
@@ -253,12 +252,7 @@ class Pipeline:
         lose effects: the replay would see "already applied" and emit nothing.
         """
         if ctx.sends:
-            if os.environ.get("_ST_OLD_SEND"):
-                for topic, key, value, partition in ctx.sends:
-                    await topic.send(key=key, value=value, partition=partition)
-                await self.app.producer.flush()
-            else:
-                await self._send_all(ctx.sends)
+            await self._send_all(ctx.sends)
         pending_rows = ctx.rows
         if pending_rows:
             first = batch[0].message
