@@ -120,6 +120,9 @@ class Pipeline:
             producer_acks=-1,
             producer_linger_ms=5,
             topic_disable_leader=True,
+            # Static membership: a restarted worker takes over its partitions at once instead of
+            # waiting for its dead self's session to expire and rebalancing again mid-stream.
+            consumer_group_instance_id=instance_id(settings),
         )
         app = self.app
         parts = settings.partitions
@@ -484,6 +487,22 @@ class Pipeline:
         for aid, (event, replica) in replicas.items():
             _set_current(event)
             self.automations[aid.encode()] = _dumps(replica)
+
+
+def instance_id(settings: Settings) -> str:
+    """A stable consumer group instance id for this worker, kept in its data dir (one worker per data dir)."""
+    import uuid
+
+    path = settings.data_dir / "instance-id"
+    try:
+        value = path.read_text().strip()
+    except FileNotFoundError:
+        value = ""
+    if not value:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        value = f"sendtrail-{uuid.uuid4().hex[:12]}"
+        path.write_text(value + "\n")
+    return value
 
 
 def engine_automation(replica: dict | None) -> dict | None:

@@ -61,7 +61,7 @@ from schemas.topics import INPUT_TOPICS, TOPICS, topic_names  # noqa: E402
 from sendtrail.settings import Settings  # noqa: E402
 
 CONSUMED = [name for name, t in TOPICS.items() if t.role in ("input", "internal")]
-EVENTS_PER_CONTACT = 14.0  # about what streams.generator makes with 8 automations
+EVENTS_PER_CONTACT = 17.0  # about what streams.generator makes with 8 automations
 LATENCY_METRIC = "sendtrail_event_to_clickhouse_latency_seconds"
 
 
