@@ -289,6 +289,7 @@ class Pipeline:
         dirty: dict[bytes, tuple[Any, Any, dict | None, list | None, bool, bool]] = {}
         states: dict[bytes, dict | None] = {}
         parked: dict[bytes, list | None] = {}
+        ignored: dict[bytes, int] = {}  # ignored re-enrollments per key, for the counter
         replicas: dict[tuple[int, str], dict | None] = {}
 
         def load(key: bytes) -> tuple[dict | None, list | None]:
@@ -296,11 +297,16 @@ class Pipeline:
             if key not in states:
                 raw = self.enrollments.get(key)
                 states[key] = orjson.loads(raw) if raw else None
+                ignored[key] = len(states[key].get("ignored", ())) if states[key] else 0
                 rawp = self.parked.get(key)
                 parked[key] = orjson.loads(rawp) if rawp else None
             return states[key], parked[key]
 
         def store(event: Any, key: bytes, res: steps.ContactResult) -> None:
+            count = len(res.state.get("ignored", ())) if res.state else 0
+            if count > ignored.get(key, 0):
+                self.metrics.ignored_enrollment("other", count - ignored.get(key, 0))
+            ignored[key] = count
             states[key] = res.state
             parked[key] = res.parked
             old = dirty.get(key)
@@ -329,11 +335,8 @@ class Pipeline:
                     continue
             key = f"{ev['automation_id']}{SEP}{ev['contact_id']}".encode()
             state, park = load(key)
-            ignored_before = len(state.get("ignored", ())) if state else 0
             defn = engine_automation(self._replica(msg.partition, ev["automation_id"], replicas))
             res = steps.contact_step(state, park, ev, defn, msg.partition, msg.offset, now_ms)
-            if res.state is not None and len(res.state.get("ignored", ())) > ignored_before:
-                self.metrics.ignored_enrollment("other")
             store(event, key, res)
         await self._finish_batch(ctx, batch)
         self._flush_dirty(dirty)

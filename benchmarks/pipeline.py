@@ -26,8 +26,8 @@ d. ``scaling``: 1 worker, then 2 workers, on 2x the partitions. The embedded
    that measures the streaming side's scaling, not a shared ClickHouse server's.
    Scaling factor = 2 workers' rate / 1 worker's rate, same partition count.
 
-All rates are "steady state": the bare loops from their first message to
-their last, the workers from the group's first commit (all workers ready)
+All rates are "steady state": aiokafka from its assignment to its last message,
+bare Faust from its first message to its last, the workers from the group's first commit (all workers ready)
 to fully committed. Every process shares this machine's cores with Kafka,
 so the core count and load averages are printed. Workers inherit any
 ``SENDTRAIL_*`` tuning variable set in the environment (e.g.
@@ -63,6 +63,10 @@ from sendtrail.settings import Settings  # noqa: E402
 CONSUMED = [name for name, t in TOPICS.items() if t.role in ("input", "internal")]
 EVENTS_PER_CONTACT = 17.0  # about what streams.generator makes with 8 automations
 LATENCY_METRIC = "sendtrail_event_to_clickhouse_latency_seconds"
+
+
+def _n(x) -> str:
+    return "n/a" if x is None else f"{x:,.0f}"
 
 
 def say(msg: str) -> None:
@@ -188,27 +192,19 @@ async def bare_aiokafka(bootstrap: str, prefix: str) -> dict:
         total = sum(ends[tp] - begins[tp] for tp in tps)
         loads = orjson.loads
         count = 0
-        first_batch = 0
-        t_first = None
+        t_start = time.perf_counter()  # partitions assigned and positioned: the first fetch is measured
+        cpu0 = time.process_time()
         while count < total:
             batch = await consumer.getmany(timeout_ms=1000, max_records=20_000)
-            if batch and t_first is None:
-                t_first = time.perf_counter()
-                cpu0 = time.process_time()
-            n = 0
             for records in batch.values():
                 for record in records:
                     loads(record.value)
-                n += len(records)
-            if n and not first_batch:
-                first_batch = n
-            count += n
-        elapsed = time.perf_counter() - t_first
+                count += len(records)
+        elapsed = time.perf_counter() - t_start
         cpu = time.process_time() - cpu0
-        measured = count - first_batch
         return {"events": count, "seconds": round(elapsed, 3),
-                "events_per_s": round(measured / elapsed, 1) if elapsed > 0 else None,
-                "cpu_ms_per_event": round(cpu * 1000 / measured, 4) if measured else None}
+                "events_per_s": round(count / elapsed, 1) if elapsed > 0 else None,
+                "cpu_ms_per_event": round(cpu * 1000 / count, 4) if count else None}
     finally:
         await consumer.stop()
 
@@ -531,19 +527,19 @@ async def main_async(args, work: Path, bootstrap: str) -> dict:
     a = await bare_aiokafka(bootstrap, main_prefix)
     a["loadavg"] = loadavg()
     result["aiokafka"] = a
-    say(f"a. bare aiokafka consume+decode: {a['events_per_s']:,.0f} events/s, {a['cpu_ms_per_event']} CPU ms/event "
+    say(f"a. bare aiokafka consume+decode: {_n(a['events_per_s'])} events/s, {a['cpu_ms_per_event']} CPU ms/event "
         f"(load average {a['loadavg']})")
 
     b = await asyncio.to_thread(bare_faust, bootstrap, main_prefix, total, args.partitions, work, args.timeout)
     b["loadavg"] = loadavg()
     result["faust"] = b
-    say(f"b. bare Faust agent loop:        {b['events_per_s']:,.0f} events/s, {b['cpu_ms_per_event']} CPU ms/event "
+    say(f"b. bare Faust agent loop:        {_n(b['events_per_s'])} events/s, {b['cpu_ms_per_event']} CPU ms/event "
         f"(load average {b['loadavg']})")
 
     c = await run_workers(bootstrap, main_prefix, args.partitions, 1, work, "full", total, args.timeout)
     c.pop("_metrics")
     result["full"] = c
-    say(f"c. full worker, end to end:      {c['events_per_s']:,.0f} events/s, {c['cpu_ms_per_event']} CPU ms/event, "
+    say(f"c. full worker, end to end:      {_n(c['events_per_s'])} events/s, {c['cpu_ms_per_event']} CPU ms/event, "
         f"over {c['measured_events']} events in {c['seconds']}s (load average {c['loadavg']}; 'producer buffer full' warnings: "
         f"{c['producer_buffer_full_warnings']})")
     full = c["events_per_s"] or 0.0
@@ -560,7 +556,7 @@ async def main_async(args, work: Path, bootstrap: str) -> dict:
         lat = await run_latency(bootstrap, f"bench.{run}.latency.", args.partitions, work, events[:n], paced,
                                 args.timeout)
         result["latency"] = lat
-        say(f"   latency at ~50% load ({lat['achieved_rate']:,.0f} events/s for {n} events): "
+        say(f"   latency at ~50% load ({_n(lat['achieved_rate'])} events/s for {n} events): "
             f"p50 {lat['p50_s']} s, p99 {lat['p99_s']} s over {lat['observations']} observations "
             f"(load average {lat['loadavg']}; target p99 < 2 s)")
 
@@ -580,8 +576,8 @@ async def main_async(args, work: Path, bootstrap: str) -> dict:
             "events_per_s"] else None
         result["scaling"] = {"partitions": parts, "one_worker": one, "two_workers": two, "factor": factor,
                              "note": "each worker writes its own embedded chDB path"}
-        say(f"d. {parts} partitions: 1 worker {one['events_per_s']:,.0f} events/s (load average {one['loadavg']}), "
-            f"2 workers {two['events_per_s']:,.0f} events/s (load average {two['loadavg']}): "
+        say(f"d. {parts} partitions: 1 worker {_n(one['events_per_s'])} events/s (load average {one['loadavg']}), "
+            f"2 workers {_n(two['events_per_s'])} events/s (load average {two['loadavg']}): "
             f"scaling factor {factor} on {os.cpu_count()} cores (each worker with its own chDB path)")
     result["loadavg_end"] = loadavg()
     return result
