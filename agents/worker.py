@@ -436,4 +436,5 @@ def run_worker(settings: Settings) -> None:
             loop.remove_signal_handler(sig)
     worker = faust.Worker(pipeline.app, loop=loop, loglevel=settings.log_level, quiet=True,
                           redirect_stdouts=False)
+    worker.spinner = None  # its terminal spinner sets the root logger to DEBUG: every log call would build a record
     worker.execute_from_commandline()
