@@ -559,6 +559,8 @@ class Queries:
                       mailing_id: str | None = None, template: str | None = None) -> tuple[str, dict]:
         # columns qualified with the table alias: the select list reuses their names as aliases
         w = Where()
+        # Mail analytics (seed 003) is about e-mails: LinkedIn, task, wait and condition steps are no mailings.
+        w.add("m.channel = {channel:String}", channel="email")
         if mailing_id is not None:
             w.add("m.mailing_id = {m:String}", m=mailing_id)
         if automation_id:

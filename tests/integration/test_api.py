@@ -686,3 +686,20 @@ def test_openapi_parameters_match_handlers(api):
                 continue
             status, body, _ = api.request("GET", url, params={p["name"]: "\x01"})
             assert b"unknown query parameter" not in body, (path, p["name"])
+
+
+def test_mailings_cover_email_only(env):
+    """A LinkedIn or task step is no mailing: mail analytics (seed 003) lists e-mails only."""
+    api, client = env["lists_api"], env["lists_client"]
+    from sendtrail.clickhouse import TABLE_COLUMNS, insert
+
+    before = api.get("/api/v1/mailings")
+    row = {c: None for c in TABLE_COLUMNS["messages"]}
+    row.update(message_id="li-1", mailing_id="a2:1", automation_id="a2", run=0, contact_id="c01", step_index=1,
+               subject="", sending_user="", sending_email="", email="x@example.com", name="X",
+               channel="linkedin_message", status="sent", status_at=F.NOW, sent_at=F.NOW, bounce_class="",
+               opens=0, clicks=0, updated_at=F.NOW, _version=1)
+    insert(client, "messages", [row], dedup_token="linkedin-row", database=LISTS_DB)
+    after = api.get("/api/v1/mailings")
+    assert after == before
+    assert "a2:1" not in [m["mailing_id"] for m in after["items"]]
