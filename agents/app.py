@@ -21,7 +21,6 @@ crash replays at most the uncommitted batches, and replays are idempotent
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import time

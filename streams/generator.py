@@ -330,7 +330,7 @@ class _Gen:
         if t0 > a.t_end - 6 * HOUR:
             return None
         needs = rng.random() < 0.2
-        e = self.emit(ENROLLMENTS, c.cid, "contact.enrolled", t0, self.enroll_fields(a, c, needs))
+        self.emit(ENROLLMENTS, c.cid, "contact.enrolled", t0, self.enroll_fields(a, c, needs))
         run = RunPlan(a.aid, c.cid, 0, t0, needs)
         run.story.append("enrolled")
         try:
@@ -360,7 +360,6 @@ class _Gen:
         if rng.random() < 0.02:
             if not self._limit(a, c, run, adv):
                 return
-        n = len(a.steps)
         for k, step in enumerate(a.steps):
             if k == 0:
                 t = adv(10 * MIN, self.gmin)
@@ -879,7 +878,6 @@ class _Gen:
     # ------------------------------------------------------------------ orphans
 
     def orphans(self) -> None:
-        rng = self.rng
         n = max(1, self.n_contacts // 1000)
         for i in range(n):
             mid = f"msg-{self.seed}-orphan-{i:04d}"

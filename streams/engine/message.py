@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from hashlib import blake2b as _b2
 
-from .common import make_change  # noqa: F401  (kept for callers of the old helper)
 
 __all__ = ["Result", "apply", "view", "key_of", "STATUS_ORDER"]
 

@@ -11,7 +11,6 @@ message's status and per-mailing totals that agree with them.
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 import urllib.request
@@ -215,7 +214,7 @@ def test_provider_webhooks_become_message_statuses_and_mailing_totals(worker):
     assert not problems, "\n".join(problems)
 
     # a contact's message status is visible per contact too
-    timeline = _get_json(worker, f"/api/v1/contacts/c-sendgrid-click/automations")
+    timeline = _get_json(worker, "/api/v1/contacts/c-sendgrid-click/automations")
     assert any(item["automation_id"] == automation for item in timeline["items"]), timeline
     # and on /metrics: every provider's webhooks were counted
     status, metrics = worker.get("/metrics")
