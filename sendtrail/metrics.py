@@ -43,6 +43,8 @@ from typing import Iterable, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
+from schemas.statuses import CONTACT_STATUSES, MESSAGE_STATUSES, NODE_STATES
+
 __all__ = [
     "Metrics",
     "MetricDef",
@@ -83,34 +85,8 @@ TOPICS: tuple[str, ...] = (
 )
 
 TRANSITION_KINDS: tuple[str, ...] = ("contact_status", "node_state", "message_status")
+# status label values come from the contract: CONTACT_STATUSES, NODE_STATES, MESSAGE_STATUSES
 
-CONTACT_STATUSES: tuple[str, ...] = (
-    "waiting_enrichment",
-    "ready",
-    "active_limit",
-    "coworkers_limit",
-    "in_progress",
-    "paused",
-    "not_sent",
-    "bounced",
-    "finished",
-    "canceled",
-    "failed",
-    "unsubscribed",
-    "duplicate",
-)
-NODE_STATES: tuple[str, ...] = ("waiting", "stopped", "done", "filtered")
-MESSAGE_STATUSES: tuple[str, ...] = (
-    "sent",
-    "delivered",
-    "deferred",
-    "opened",
-    "clicked",
-    "bounced",
-    "dropped",
-    "spam_reported",
-    "unsubscribed",
-)
 #: ``from_status`` of the first status a key gets.
 NO_STATUS = "none"
 _STATUSES_BY_KIND: dict[str, frozenset[str]] = {

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 from hashlib import blake2b
 
-# Statuses that end a run (docs/semantics.md).
-ENDED = frozenset({"finished", "canceled", "failed", "unsubscribed", "duplicate"})
-# Node state of the current node: waiting for these statuses, stopped for any other.
-WAITING = frozenset({"waiting_enrichment", "ready", "active_limit", "coworkers_limit", "in_progress", "paused"})
+
 
 
 def change_id(event_id, kind, automation_id, contact_id, run, step_index, message_id, to) -> str:

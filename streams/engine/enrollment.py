@@ -40,7 +40,9 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from hashlib import blake2b as _b2
 
-from .common import ENDED, WAITING, later, max_opt
+from schemas.statuses import ENDED, WAITING
+
+from .common import later, max_opt
 
 __all__ = ["Result", "apply", "tick", "next_resume_at", "view", "key_of", "AUTO_RESUME_TYPE"]
 
