@@ -22,6 +22,7 @@ crash replays at most the uncommitted batches, and replays are idempotent
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import time
 import weakref
@@ -257,11 +258,8 @@ class Pipeline:
             await self._send_all(ctx.sends)
         pending_rows = ctx.rows
         if pending_rows:
-            first = batch[0].message
-            last = batch[-1].message
-            token = f"{first.topic}:{first.partition}:{first.offset}-{last.topic}:{last.partition}:{last.offset}"
             for table_name, table_rows in pending_rows.items():
-                await self.sink.write(table_name, table_rows, f"{token}:{table_name}")
+                await self.sink.write(table_name, table_rows, content_token(table_name, table_rows))
             await self.sink.flush()
         now = time.time()
         for ev in batch:
@@ -489,6 +487,17 @@ class Pipeline:
         for aid, (event, replica) in replicas.items():
             _set_current(event)
             self.automations[aid.encode()] = _dumps(replica)
+
+
+def content_token(table: str, rows: list[dict]) -> str:
+    """The insert deduplication token of a write: a hash of the rows themselves.
+
+    ClickHouse drops an insert whose token it has seen, whatever its rows, so the
+    token must identify the content. Source offsets do not: a replayed batch can
+    start and end at the same offsets and hold other events in between (batches mix
+    topics and partitions), and its rows would be silently dropped.
+    """
+    return f"{table}:{hashlib.blake2b(orjson.dumps(rows), digest_size=16).hexdigest()}"
 
 
 def instance_id(settings: Settings) -> str:

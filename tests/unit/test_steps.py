@@ -98,3 +98,13 @@ def test_message_step_logs_provider_events_and_writes_the_message_once_registere
     assert row["status"] == "delivered" and row["contact_id"] == "c1" and row["mailing_id"] == "a1:0"
     assert "message_events" not in m2.output.rows
     assert [o["type"] for o in m2.output.to_contacts] == ["outcome.settled"]
+
+
+def test_insert_tokens_identify_row_content():
+    from agents.app import content_token
+
+    rows = [{"a": 1, "b": "x"}, {"a": 2, "b": None}]
+    assert content_token("t", rows) == content_token("t", [dict(r) for r in rows])
+    assert content_token("t", rows) != content_token("t", rows[:1])
+    assert content_token("t", rows) != content_token("u", rows)
+    assert content_token("t", rows) != content_token("t", [rows[0], {"a": 2, "b": "y"}])
