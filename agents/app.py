@@ -120,9 +120,10 @@ class Pipeline:
             producer_acks=-1,
             producer_linger_ms=5,
             topic_disable_leader=True,
-            # Static membership: a restarted worker takes over its partitions at once instead of
-            # waiting for its dead self's session to expire and rebalancing again mid-stream.
-            consumer_group_instance_id=instance_id(settings),
+            # A killed worker's group membership expires after this, so a restarted one joins a
+            # group without ghosts (instead of a mid-stream rebalance a minute later).
+            broker_session_timeout=10.0,
+            broker_heartbeat_interval=3.0,
         )
         app = self.app
         parts = settings.partitions
@@ -498,22 +499,6 @@ def content_token(table: str, rows: list[dict]) -> str:
     topics and partitions), and its rows would be silently dropped.
     """
     return f"{table}:{hashlib.blake2b(orjson.dumps(rows), digest_size=16).hexdigest()}"
-
-
-def instance_id(settings: Settings) -> str:
-    """A stable consumer group instance id for this worker, kept in its data dir (one worker per data dir)."""
-    import uuid
-
-    path = settings.data_dir / "instance-id"
-    try:
-        value = path.read_text().strip()
-    except FileNotFoundError:
-        value = ""
-    if not value:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        value = f"sendtrail-{uuid.uuid4().hex[:12]}"
-        path.write_text(value + "\n")
-    return value
 
 
 def engine_automation(replica: dict | None) -> dict | None:

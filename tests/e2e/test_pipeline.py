@@ -113,7 +113,7 @@ def test_invalid_events_go_to_dead_letters_and_valid_ones_are_processed(worker, 
 
 
 def _reset_group_when_empty(worker: WorkerProcess, timeout: float = 150.0) -> None:
-    """Rewind the group once Kafka lets us: a stopped worker's static membership lasts its session timeout."""
+    """Rewind the group once Kafka lets us (the stopped worker's membership may still be expiring)."""
     from aiokafka.errors import CommitFailedError, KafkaError
 
     deadline = time.monotonic() + timeout
