@@ -9,12 +9,13 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sendtrail.settings import Settings
+
+from tests.unit.yaml_metrics_helpers import load_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -52,23 +53,9 @@ def compose(cli: list[str], *args: str) -> subprocess.CompletedProcess:
 
 
 def load_yaml_text(text: str, tmp_path: Path):
-    """PyYAML if importable, else the system python3's PyYAML; skip otherwise."""
-    try:
-        import yaml  # type: ignore[import-not-found]
-    except ImportError:
-        pass
-    else:
-        return yaml.safe_load(text)
     path = tmp_path / "normalized.yml"
     path.write_text(text)
-    code = "import json, sys, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)"
-    for py in ("/usr/bin/python3", shutil.which("python3")):
-        if not py or not Path(py).exists() or Path(py).resolve() == Path(sys.executable).resolve():
-            continue
-        proc = subprocess.run([py, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
-        if proc.returncode == 0:
-            return json.loads(proc.stdout)
-    pytest.skip("no YAML parser: PyYAML is installed neither here nor in the system python3")
+    return load_yaml(path)
 
 
 @pytest.fixture(scope="module")

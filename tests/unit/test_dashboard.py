@@ -6,12 +6,12 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from sendtrail.metrics import HISTOGRAMS, METRIC_NAMES
+
+from tests.unit.yaml_metrics_helpers import known_metric, load_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "deploy" / "grafana"
@@ -20,33 +20,6 @@ DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
 PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "sendtrail.yml"
 
 METRIC_RE = re.compile(r"(?<![\w:])sendtrail_[A-Za-z0-9_]+(?![\w:])")
-
-
-def load_yaml(path: Path):
-    """PyYAML if importable, else the system python3's PyYAML; skip otherwise."""
-    try:
-        import yaml  # type: ignore[import-not-found]
-    except ImportError:
-        pass
-    else:
-        return yaml.safe_load(path.read_text())
-    code = "import json, sys, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)"
-    for py in ("/usr/bin/python3", shutil.which("python3")):
-        if not py or not Path(py).exists() or Path(py).resolve() == Path(sys.executable).resolve():
-            continue
-        proc = subprocess.run([py, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
-        if proc.returncode == 0:
-            return json.loads(proc.stdout)
-    pytest.skip("no YAML parser: PyYAML is installed neither here nor in the system python3")
-
-
-def known_metric(name: str) -> bool:
-    if name in METRIC_NAMES:
-        return True
-    for suffix in ("_bucket", "_sum", "_count"):
-        if name.endswith(suffix) and name[: -len(suffix)] in HISTOGRAMS:
-            return True
-    return False
 
 
 @pytest.fixture(scope="module")
