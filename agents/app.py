@@ -34,7 +34,7 @@ import orjson
 from faust.streams import _current_event
 
 from agents.sink import BatchWriter
-from schemas.parser import Rejection, parse_event
+from schemas.parser import Rejection, parse_event, to_rfc3339
 from schemas.topics import topic_names
 from sendtrail.metrics import Metrics
 from sendtrail.settings import Settings
@@ -537,7 +537,5 @@ def apply_automation_event(current: dict | None, ev: dict) -> dict | None:
 
 
 def _wire_change(change: dict) -> dict:
-    from schemas.parser import to_rfc3339
-
     change["occurred_at"] = to_rfc3339(change["occurred_at"])
     return change

@@ -13,6 +13,7 @@ and take ``limit`` (1-1000, default 50) and ``offset``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as _dt
 import hashlib
 import logging
@@ -101,64 +102,56 @@ def make_deps_for_client(client: Any, database: str = "sendtrail", *,
         token = hashlib.sha256(repr((table, rows)).encode()).hexdigest()
         await run(lambda: ch.insert(client, table, rows, column_names, token, database=database))
 
-    async def stream(sql: str, params: dict) -> AsyncIterator[list[tuple]]:
+    @contextlib.asynccontextmanager
+    async def stream_handle():
+        """A client and the thread that may use it for one stream: its own with a factory (chDB refuses
+        other calls on a handle while a stream is open), else the shared one, held for the stream."""
         loop = asyncio.get_running_loop()
         if client_factory is None:
             if lock is not None:
                 await lock.acquire()
-            own, ex = client, executor
-        else:
-            ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-stream")
-            own = await loop.run_in_executor(ex, client_factory)
-        ctx = None
+            try:
+                yield client, executor
+            finally:
+                if lock is not None:
+                    lock.release()
+            return
+        ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-stream")
+        own = await loop.run_in_executor(ex, client_factory)
         try:
+            yield own, ex
+        finally:
+            await loop.run_in_executor(ex, own.close)
+            ex.shutdown(wait=False)
+
+    async def stream(sql: str, params: dict) -> AsyncIterator[list[tuple]]:
+        loop = asyncio.get_running_loop()
+        async with stream_handle() as (own, ex):
             ctx = await loop.run_in_executor(ex, lambda: own.query_row_block_stream(sql, parameters=params or None))
             blocks = await loop.run_in_executor(ex, ctx.__enter__)
-            it = iter(blocks)
-            while True:
-                block = await loop.run_in_executor(ex, next, it, None)
-                if block is None:
-                    break
-                yield block
-        finally:
             try:
-                if ctx is not None:
-                    await loop.run_in_executor(ex, ctx.__exit__, None, None, None)
+                it = iter(blocks)
+                while True:
+                    block = await loop.run_in_executor(ex, next, it, None)
+                    if block is None:
+                        break
+                    yield block
             finally:
-                if client_factory is not None:
-                    await loop.run_in_executor(ex, own.close)
-                    ex.shutdown(wait=False)
-                elif lock is not None:
-                    lock.release()
+                await loop.run_in_executor(ex, ctx.__exit__, None, None, None)
 
     async def stream_raw(sql: str, params: dict) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
-        if client_factory is None:
-            if lock is not None:
-                await lock.acquire()
-            own, ex = client, executor
-        else:
-            ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-stream")
-            own = await loop.run_in_executor(ex, client_factory)
-        source = None
-        try:
+        async with stream_handle() as (own, ex):
             source = await loop.run_in_executor(
                 ex, lambda: own.raw_stream(sql, parameters=params or None, fmt="CSV"))
-            while True:
-                chunk = await loop.run_in_executor(ex, source.read, RAW_CHUNK)
-                if not chunk:
-                    break
-                yield chunk
-        finally:
             try:
-                if source is not None:
-                    await loop.run_in_executor(ex, source.close)
+                while True:
+                    chunk = await loop.run_in_executor(ex, source.read, RAW_CHUNK)
+                    if not chunk:
+                        break
+                    yield chunk
             finally:
-                if client_factory is not None:
-                    await loop.run_in_executor(ex, own.close)
-                    ex.shutdown(wait=False)
-                elif lock is not None:
-                    lock.release()
+                await loop.run_in_executor(ex, source.close)
 
     return ApiDeps(query=query, query_columns=query_columns, stream=stream, command=command, insert=insert,
                    database=database, stuck_after_seconds=stuck_after_seconds, now=now, stream_raw=stream_raw)
