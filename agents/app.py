@@ -1,23 +1,22 @@
-"""Faust wiring: topics, tables and agents around the pure steps of ``streams.steps``.
+"""The pipeline: topics, state tables and the per-batch processing around ``streams.steps``.
 
-Flow (all input and internal topics have the same partition count, so that a
-contact's enrollments, sends and forwarded outcomes land on one partition and
-one worker; tables are written to the changelog partition of the event that
-changed them):
+Flow (all input and internal topics have the same partition count, so that a contact's
+enrollments, sends and forwarded outcomes land on one partition and one worker; state is
+kept per partition of the records that changed it):
 
-    automations ──► automations agent ──► fan-out (definition, lifecycle) ─┐
-    enrollments, sends, internal.to-contacts ──► contacts agent ◄──────────┘
-        table enrollments (automation_id␟contact_id), parked, resume-index, automation-replicas
+    automations ──► automations state ──► fan-out (definition, lifecycle) ──┐
+    enrollments, sends, internal.to-contacts ──► contacts ◄─────────────────┘
+        tables enrollments (automation_id␟contact_id), parked, resume-index, automation-replicas
         ──► status-changes, internal.to-messages (send registrations), ClickHouse rows
-    provider-events, internal.to-messages ──► messages agent
+    provider-events, internal.to-messages ──► messages
         table messages (message_id)
         ──► status-changes, internal.to-contacts (outcomes), ClickHouse rows
 
-Every agent consumes in batches (``take_events``): parse, apply, write each
-changed key once, send outputs, write rows and wait for ClickHouse; only then
-does the batch end and Faust acknowledge (and later commit) its offsets. So a
-crash replays at most the uncommitted batches, and replays are idempotent
-(facts merge; rows are ReplacingMergeTree with stable keys and versions).
+:meth:`Pipeline.process` takes one fetched batch: parse, apply the pure steps, send the outputs
+and write the rows (and wait for both), then stage each changed key once. The runtime
+(``agents.runtime``) then commits the staged state (changelog, then local RocksDB) and the
+offsets. So a crash replays at most the uncommitted batch, and replays are idempotent (facts
+merge; rows are ReplacingMergeTree with stable keys and versions).
 """
 from __future__ import annotations
 
@@ -25,15 +24,13 @@ import base64
 import hashlib
 import logging
 import time
-import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
-import faust
 import orjson
-from faust.streams import _current_event
 
 from agents.sink import BatchWriter
+from agents.state import StateTables
 from schemas.parser import Rejection, parse_event, to_rfc3339
 from schemas.topics import topic_names
 from sendtrail.metrics import Metrics
@@ -57,27 +54,8 @@ INPUT_KIND = {  # contract topic name -> role
 }
 
 
-def _set_current(event: Any) -> None:
-    """Table writes go to the changelog partition of the current event: make it this one."""
-    _current_event.set(weakref.ref(event))
-
-
 def _dumps(value: Any) -> bytes:
     return orjson.dumps(value)
-
-
-def iter_partition(table: Any, partition: int, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
-    """Keys and raw values of one partition of a RocksDB-backed table, optionally by key prefix."""
-    store = table.data
-    db = store._db_for_partition(partition)
-    offset_key = getattr(store, "offset_key", None)
-    items = db.items(from_key=prefix) if prefix else db.items()
-    for key, value in items:
-        if prefix and not key.startswith(prefix):
-            break
-        if key == offset_key or value is None:
-            continue
-        yield key, value
 
 
 @dataclass
@@ -87,118 +65,94 @@ class Batch:
     sends: list = field(default_factory=list)
     rows: dict = field(default_factory=dict)
     replica_writes: dict = field(default_factory=dict)  # (partition, automation_id) -> replica
-    replica_events: dict = field(default_factory=dict)  # (partition, automation_id) -> the fan-out event
+    events: list = field(default_factory=list)  # the records of the batch, for the latency metric
+    state_writers: list = field(default_factory=list)  # run after the effects are durable
+
+
+TABLES_BY_KIND = {
+    "contact": ("enrollments", "parked", "resume-index", "automation-replicas"),
+    "message": ("messages",),
+    "automation": ("automations",),
+}
 
 
 class Pipeline:
-    """The worker's streaming half: one Faust app, its tables and agents, and the ClickHouse sink."""
+    """The worker's streaming half: its topics, state tables and batch processing, and the sink."""
 
     def __init__(self, settings: Settings, metrics: Metrics, sink: BatchWriter) -> None:
         self.settings = settings
         self.metrics = metrics
         self.sink = sink
+        self.producer: Any = None  # an AIOKafkaProducer, set by the runtime before the first batch
         names = topic_names(settings.topic_prefix)
         self.topic_names = names
+        self.group_id = f"{settings.topic_prefix}{settings.consumer_group}"
         self.kind_of_topic = {full: INPUT_KIND.get(name) for name, full in names.items()}
         self.contract_name = {full: name for name, full in names.items()}
-        brokers = [f"kafka://{s.strip()}" for s in settings.kafka.split(",")]
-        self.app = faust.App(
-            f"{settings.topic_prefix}{settings.consumer_group}",
-            broker=brokers,
-            store="rocksdb://",
-            datadir=str(settings.data_dir / "state"),
-            web_enabled=False,
-            topic_partitions=settings.partitions,
-            topic_replication_factor=settings.replication_factor,
-            key_serializer="raw",
-            value_serializer="raw",
-            consumer_auto_offset_reset="earliest",
-            table_standby_replicas=0,
-            broker_commit_every=100_000,
-            broker_commit_interval=1.0,
-            stream_buffer_maxsize=max(4096, settings.batch_size * 2),
-            producer_acks=-1,
-            producer_linger_ms=5,
-            topic_disable_leader=True,
-            # A killed worker's group membership expires after this, so a restarted one joins a
-            # group without ghosts (instead of a mid-stream rebalance a minute later).
-            broker_session_timeout=10.0,
-            broker_heartbeat_interval=3.0,
-        )
-        app = self.app
-        parts = settings.partitions
+        self.input_topics = [names[name] for name in INPUT_KIND]
+        self.to_contacts = names["internal.to-contacts"]
+        self.to_messages = names["internal.to-messages"]
+        self.status_out = names["status-changes"]
+        self.dead_out = names["dead-letters"]
+        all_tables = [t for kind in ("contact", "message", "automation") for t in TABLES_BY_KIND[kind]]
+        self.tables = StateTables(settings.data_dir / "state" / self.group_id, self.group_id, all_tables)
 
-        def topic(*contract: str, **kw: Any):
-            return app.topic(*(names[c] for c in contract), key_type=bytes, value_type=bytes,
-                             partitions=parts, **kw)
+    def tables_of_topic(self, topic: str) -> tuple[str, ...]:
+        """The state tables partitioned like ``topic`` (owned with its partitions)."""
+        kind = self.kind_of_topic.get(topic)
+        if kind is None:
+            return ()
+        return TABLES_BY_KIND[kind.replace("-internal", "")]
 
-        self.contacts_in = topic("enrollments", "sends", "internal.to-contacts")
-        self.messages_in = topic("provider-events", "internal.to-messages")
-        self.automations_in = topic("automations")
-        self.to_contacts = topic("internal.to-contacts")
-        self.to_messages = topic("internal.to-messages")
-        self.status_out = topic("status-changes")
-        self.dead_out = topic("dead-letters")
+    # ---- a batch ------------------------------------------------------------------------------
 
-        def table(name: str):
-            return app.Table(name, default=None, key_type=bytes, value_type=bytes, partitions=parts)
+    async def process(self, fetched: dict[Any, list]) -> None:
+        """Apply one fetched batch: effects durable first, then the state staged in ``self.tables``."""
+        ctx = Batch()
+        by_kind: dict[str, list] = {"contact": [], "message": [], "automation": []}
+        for tp, records in fetched.items():
+            kind = self.kind_of_topic.get(tp.topic)
+            if kind is None:
+                raise RuntimeError(f"record from an unexpected topic {tp.topic!r}")
+            by_kind[kind.replace("-internal", "")].extend(records)
+            ctx.events.extend(records)
+        if by_kind["automation"]:
+            self.process_automations(ctx, by_kind["automation"])
+        if by_kind["contact"]:
+            self.process_contacts(ctx, by_kind["contact"])
+        if by_kind["message"]:
+            self.process_messages(ctx, by_kind["message"])
+        await self._finish_batch(ctx)
+        for write_state in ctx.state_writers:
+            write_state()
 
-        self.enrollments = table("enrollments")
-        self.parked = table("parked")
-        self.resume_index = table("resume-index")
-        self.replicas = table("automation-replicas")
-        self.messages = table("messages")
-        self.automations = table("automations")
-
-        app.agent(self.contacts_in, name="contacts")(self._contacts_agent)
-        app.agent(self.messages_in, name="messages")(self._messages_agent)
-        app.agent(self.automations_in, name="automations")(self._automations_agent)
-        app.timer(settings.resume_check_seconds)(self._resume_timer)
-
-    # ---- agents -------------------------------------------------------------------------------
-
-    async def _contacts_agent(self, stream) -> None:
-        async for batch in stream.take_events(self.settings.batch_size, self.settings.batch_seconds):
-            await self.process_contacts(batch)
-
-    async def _messages_agent(self, stream) -> None:
-        async for batch in stream.take_events(self.settings.batch_size, self.settings.batch_seconds):
-            await self.process_messages(batch)
-
-    async def _automations_agent(self, stream) -> None:
-        async for batch in stream.take_events(self.settings.batch_size, self.settings.batch_seconds):
-            await self.process_automations(batch)
-
-    async def _resume_timer(self) -> None:
-        """Ask every partition this worker owns to auto-resume holds whose date has passed."""
-        now_ms = int(time.time() * 1000)
-        assigned = self.app.assignor.assigned_actives()
-        target = self.topic_names["internal.to-contacts"]
-        for tp in assigned:
-            if tp.topic == target:
-                await self.to_contacts.send(key=b"tick", value=_dumps({"type": "tick", "now_ms": now_ms}),
-                                            partition=tp.partition)
+    async def send_ticks(self, assignment: Iterable[Any], now_ms: int) -> None:
+        """One auto-resume tick per assigned contacts partition (through the partition's own topic,
+        so it is ordered with, and replayed like, everything else of the partition)."""
+        sends = [(self.to_contacts, b"tick", _dumps({"type": "tick", "now_ms": now_ms}), tp.partition)
+                 for tp in assignment if tp.topic == self.to_contacts]
+        if sends:
+            await self._send_all(sends)
 
     # ---- shared helpers -------------------------------------------------------------------------
 
-    def _parse(self, ctx: "Batch", event: Any, contract_topic: str) -> dict | None:
-        parsed = parse_event(event.value, topic=contract_topic, max_bytes=self.settings.max_event_bytes)
+    def _parse(self, ctx: "Batch", rec: Any, contract_topic: str) -> dict | None:
+        parsed = parse_event(rec.value, topic=contract_topic, max_bytes=self.settings.max_event_bytes)
         if isinstance(parsed, Rejection):
-            self._dead_letter(ctx, event, contract_topic, parsed)
+            self._dead_letter(ctx, rec, contract_topic, parsed)
             return None
         self.metrics.consumed(contract_topic, parsed["type"])
         return parsed
 
-    def _dead_letter(self, ctx: "Batch", event: Any, contract_topic: str, rejection: Rejection) -> None:
-        msg = event.message
-        raw: bytes = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
+    def _dead_letter(self, ctx: "Batch", rec: Any, contract_topic: str, rejection: Rejection) -> None:
+        raw: bytes = rec.value if isinstance(rec.value, bytes) else bytes(rec.value or b"")
         doc = {
             "reason": rejection.reason,
             "detail": rejection.detail,
             "field": rejection.field,
             "topic": contract_topic,
-            "partition": msg.partition,
-            "offset": msg.offset,
+            "partition": rec.partition,
+            "offset": rec.offset,
             "original_size": len(raw),
         }
         # The original bytes travel along, within Kafka's message size limit: text when it is
@@ -212,7 +166,7 @@ class Pipeline:
                 doc["original_text"] = raw.decode("utf-8")
             except UnicodeDecodeError:
                 pass
-        ctx.sends.append((self.dead_out, msg.key, _dumps(doc), None))
+        ctx.sends.append((self.dead_out, rec.key, _dumps(doc), None))
         self.metrics.rejected(contract_topic, rejection.reason)
         self.metrics.dead_letter_produced(contract_topic)
 
@@ -231,29 +185,24 @@ class Pipeline:
     async def _send_all(self, sends: list) -> None:
         """Produce ``(topic, key, value, partition)`` messages and wait until Kafka acknowledged them all.
 
-        Straight to the transport producer (no per-message Faust channel, future-message
-        and sensor machinery: a third of the cost of a send); the key picks the partition
-        with the same default partitioner when ``partition`` is None. Raises if any send
-        failed, so the batch is not acknowledged.
+        The key picks the partition with Kafka's default (murmur2) partitioner when ``partition``
+        is None, as every producer of the contract topics does. Raises if any send failed, so
+        the batch is retried instead of committed.
         """
-        producer = self.app.producer
-        send = producer.send
-        futures = []
-        for topic, key, value, partition in sends:
-            futures.append(await send(topic.topics[0], key, value, partition, None, None))
-        await producer.flush()
+        send = self.producer.send
+        futures = [await send(topic, value=value, key=key, partition=partition)
+                   for topic, key, value, partition in sends]
+        await self.producer.flush()
         for fut in futures:
-            if not fut.done():
-                await fut
-            fut.result()
+            await fut
 
-    async def _finish_batch(self, ctx: "Batch", batch: list[Any]) -> None:
+    async def _finish_batch(self, ctx: "Batch") -> None:
         """Make the batch's effects durable: Kafka outputs acknowledged and ClickHouse rows written.
 
-        Callers write their tables only after this returns. A crash before the table
-        writes replays the batch and re-emits the same (idempotent) effects; a crash
-        after them finds the effects already durable. Writing the tables first would
-        lose effects: the replay would see "already applied" and emit nothing.
+        The state is staged only after this returns. A crash before the state commit
+        replays the batch and re-emits the same (idempotent) effects; a crash after it finds
+        the effects already durable. Committing the state first would lose effects: the
+        replay would see "already applied" and emit nothing.
         """
         if ctx.sends:
             await self._send_all(ctx.sends)
@@ -262,12 +211,13 @@ class Pipeline:
             for table_name, table_rows in pending_rows.items():
                 await self.sink.write(table_name, table_rows, content_token(table_name, table_rows))
             await self.sink.flush()
-        now = time.time()
-        for ev in batch:
-            ts = ev.message.timestamp
-            if ts:
-                self.metrics.observe_latency(max(0.0, now - ts))
-        self.metrics.processed(len(batch), now)
+        now_ms = time.time() * 1000.0
+        observe = self.metrics.observe_latency
+        for rec in ctx.events:
+            ts = rec.timestamp
+            if ts and ts > 0:
+                observe(max(0.0, (now_ms - ts) / 1000.0))
+        self.metrics.processed(len(ctx.events), now_ms / 1000.0)
 
     # ---- contacts -------------------------------------------------------------------------------
 
@@ -276,31 +226,32 @@ class Pipeline:
         ck = (partition, automation_id)
         if ck in cache:
             return cache[ck]
-        raw = self.replicas.get(automation_id.encode())
+        raw = self.tables.get("automation-replicas", partition, automation_id.encode())
         value = orjson.loads(raw) if raw else None
         cache[ck] = value
         return value
 
-    async def process_contacts(self, batch: list[Any]) -> None:
-        ctx = Batch()
+    def process_contacts(self, ctx: "Batch", records: list[Any]) -> None:
         now_ms = int(time.time() * 1000)  # out-of-office holds whose date has passed resume right away
-        dirty: dict[bytes, tuple[Any, Any, dict | None, list | None, bool, bool]] = {}
+        # key -> (partition, state, parked, state changed, parked changed)
+        dirty: dict[bytes, tuple[int, dict | None, list | None, bool, bool]] = {}
         states: dict[bytes, dict | None] = {}
         parked: dict[bytes, list | None] = {}
         ignored: dict[bytes, int] = {}  # ignored re-enrollments per key, for the counter
         replicas: dict[tuple[int, str], dict | None] = {}
+        tables = self.tables
 
-        def load(key: bytes) -> tuple[dict | None, list | None]:
-            """State and parked events of a key of the current event's partition (batch cache first)."""
+        def load(partition: int, key: bytes) -> tuple[dict | None, list | None]:
+            """State and parked events of a key (batch cache first)."""
             if key not in states:
-                raw = self.enrollments.get(key)
+                raw = tables.get("enrollments", partition, key)
                 states[key] = orjson.loads(raw) if raw else None
                 ignored[key] = len(states[key].get("ignored", ())) if states[key] else 0
-                rawp = self.parked.get(key)
+                rawp = tables.get("parked", partition, key)
                 parked[key] = orjson.loads(rawp) if rawp else None
             return states[key], parked[key]
 
-        def store(event: Any, key: bytes, res: steps.ContactResult) -> None:
+        def store(partition: int, key: bytes, res: steps.ContactResult) -> None:
             count = len(res.state.get("ignored", ())) if res.state else 0
             if count > ignored.get(key, 0):
                 self.metrics.ignored_enrollment("other", count - ignored.get(key, 0))
@@ -308,109 +259,103 @@ class Pipeline:
             states[key] = res.state
             parked[key] = res.parked
             old = dirty.get(key)
-            s_dirty = res.state_changed or (old[4] if old else False)
-            p_dirty = res.parked_changed or (old[5] if old else False)
-            dirty[key] = (event, None, res.state, res.parked, s_dirty, p_dirty)
+            s_dirty = res.state_changed or (old[3] if old else False)
+            p_dirty = res.parked_changed or (old[4] if old else False)
+            dirty[key] = (partition, res.state, res.parked, s_dirty, p_dirty)
             self._queue_output(ctx, res.output)
 
-        for event in batch:
-            _set_current(event)
-            msg = event.message
-            contract = self.contract_name[msg.topic]
+        contract_name = self.contract_name
+        for rec in records:
+            partition = rec.partition
+            contract = contract_name[rec.topic]
             if contract == "internal.to-contacts":
-                internal = orjson.loads(event.value)
+                internal = orjson.loads(rec.value)
                 kind = internal["type"]
                 if kind == "tick":
-                    self._tick_partition(event, internal["now_ms"], replicas, dirty, store, load)
+                    self._tick_partition(partition, internal["now_ms"], replicas, dirty, store, load)
                     continue
                 if kind.startswith("automation."):
-                    self._fan_out(ctx, event, internal, replicas, dirty, store, load)
+                    self._fan_out(ctx, rec, internal, replicas, dirty, store, load)
                     continue
                 ev = internal
             else:
-                ev = self._parse(ctx, event, contract)
+                ev = self._parse(ctx, rec, contract)
                 if ev is None:
                     continue
             key = f"{ev['automation_id']}{SEP}{ev['contact_id']}".encode()
-            state, park = load(key)
-            defn = engine_automation(self._replica(msg.partition, ev["automation_id"], replicas))
-            res = steps.contact_step(state, park, ev, defn, msg.partition, msg.offset, now_ms)
-            store(event, key, res)
-        await self._finish_batch(ctx, batch)
-        self._flush_dirty(dirty)
-        for (partition, aid), replica in ctx.replica_writes.items():
-            _set_current(ctx.replica_events[(partition, aid)])
-            self.replicas[aid.encode()] = _dumps(replica)
+            state, park = load(partition, key)
+            defn = engine_automation(self._replica(partition, ev["automation_id"], replicas))
+            res = steps.contact_step(state, park, ev, defn, partition, rec.offset, now_ms)
+            store(partition, key, res)
 
-    def _flush_dirty(self, dirty: dict) -> None:
-        """Write each changed key once, to the changelog partition of the event that last changed it."""
-        for key, (event, _, state, park, s_dirty, p_dirty) in dirty.items():
-            _set_current(event)
+        def write_state() -> None:
+            self._stage_contacts(dirty)
+            for (partition, aid), replica in ctx.replica_writes.items():
+                tables.put("automation-replicas", partition, aid.encode(), _dumps(replica))
+
+        ctx.state_writers.append(write_state)
+
+    def _stage_contacts(self, dirty: dict) -> None:
+        """Stage each changed key once, in the partition of the records that changed it."""
+        put = self.tables.put
+        for key, (partition, state, park, s_dirty, p_dirty) in dirty.items():
             if s_dirty:
-                if state is None:
-                    self.enrollments.pop(key, None)
-                else:
-                    self.enrollments[key] = _dumps(state)
-                    self._update_resume_index(key, state)
+                put("enrollments", partition, key, None if state is None else _dumps(state))
+                self._update_resume_index(partition, key, state)
             if p_dirty:
-                if park:
-                    self.parked[key] = _dumps(park)
-                else:
-                    self.parked.pop(key, None)
-        dirty.clear()
+                put("parked", partition, key, _dumps(park) if park else None)
 
-    def _update_resume_index(self, key: bytes, state: dict) -> None:
-        due = enrollment.next_resume_at(state)
-        current = self.resume_index.get(key)
+    def _update_resume_index(self, partition: int, key: bytes, state: dict | None) -> None:
+        due = enrollment.next_resume_at(state) if state is not None else None
+        current = self.tables.get("resume-index", partition, key)
         if due is None:
             if current is not None:
-                self.resume_index.pop(key, None)
+                self.tables.put("resume-index", partition, key, None)
         else:
             value = str(due).encode()
             if current != value:
-                self.resume_index[key] = value
+                self.tables.put("resume-index", partition, key, value)
 
     @staticmethod
     def _batch_keys(dirty: dict, partition: int, prefix: bytes, stored: Iterable[bytes]) -> list[bytes]:
         """Keys of a partition with a prefix: those stored in RocksDB and those changed in this batch."""
         keys = dict.fromkeys(stored)
         for key, entry in dirty.items():
-            if key.startswith(prefix) and entry[0].message.partition == partition:
+            if key.startswith(prefix) and entry[0] == partition:
                 keys[key] = None
         return list(keys)
 
-    def _fan_out(self, ctx: "Batch", event: Any, internal: dict, replicas: dict, dirty: dict, store: Any,
-                 load: Any) -> None:
+    def _fan_out(self, ctx: "Batch", rec: Any, internal: dict, replicas: dict, dirty: dict, store: Callable,
+                 load: Callable) -> None:
         """An automation's definition or lifecycle reached this partition: apply it to its keys."""
-        partition = event.message.partition
+        partition = rec.partition
         aid = internal["automation_id"]
         replica = internal["replica"]
         replicas[(partition, aid)] = replica
         ctx.replica_writes[(partition, aid)] = replica
-        ctx.replica_events[(partition, aid)] = event
         defn = engine_automation(replica)
         prefix = f"{aid}{SEP}".encode()
         if internal["type"] == "automation.published":
-            stored = (key for key, _ in iter_partition(self.parked, partition, prefix))
+            stored = (key for key, _ in self.tables.items("parked", partition, prefix))
             for key in self._batch_keys(dirty, partition, prefix, stored):
-                state, park = load(key)
+                state, park = load(partition, key)
                 if park:
-                    store(event, key, steps.contact_unpark(state, park, defn))
+                    store(partition, key, steps.contact_unpark(state, park, defn))
             return
         lifecycle = internal["event"]
-        stored = (key for key, _ in iter_partition(self.enrollments, partition, prefix))
+        stored = (key for key, _ in self.tables.items("enrollments", partition, prefix))
         for key in self._batch_keys(dirty, partition, prefix, stored):
-            state, park = load(key)
+            state, park = load(partition, key)
             if state is None:
                 continue
-            res = steps.contact_step(state, park, lifecycle, defn, partition, event.message.offset)
-            store(event, key, res)
+            res = steps.contact_step(state, park, lifecycle, defn, partition, rec.offset)
+            store(partition, key, res)
 
-    def _tick_partition(self, event: Any, now_ms: int, replicas: dict, dirty: dict, store: Any, load: Any) -> None:
-        partition = event.message.partition
-        stored = (key for key, due in iter_partition(self.resume_index, partition) if int(due) <= now_ms)
+    def _tick_partition(self, partition: int, now_ms: int, replicas: dict, dirty: dict, store: Callable,
+                        load: Callable) -> None:
+        stored = (key for key, due in self.tables.items("resume-index", partition) if int(due) <= now_ms)
         for key in self._batch_keys(dirty, partition, b"", stored):
-            state, park = load(key)
+            state, park = load(partition, key)
             if state is None:
                 continue
             due = enrollment.next_resume_at(state)
@@ -419,60 +364,60 @@ class Pipeline:
             aid = key.split(SEP.encode(), 1)[0].decode()
             replica = self._replica(partition, aid, replicas)
             res = steps.contact_tick(state, engine_automation(replica), now_ms)
-            store(event, key, res)
+            store(partition, key, res)
 
     # ---- messages -------------------------------------------------------------------------------
 
-    async def process_messages(self, batch: list[Any]) -> None:
-        ctx = Batch()
+    def process_messages(self, ctx: "Batch", records: list[Any]) -> None:
         states: dict[bytes, dict | None] = {}
-        dirty: dict[bytes, Any] = {}
-        for event in batch:
-            _set_current(event)
-            msg = event.message
-            contract = self.contract_name[msg.topic]
+        dirty: dict[bytes, int] = {}  # key -> partition
+        tables = self.tables
+        contract_name = self.contract_name
+        for rec in records:
+            partition = rec.partition
+            contract = contract_name[rec.topic]
             if contract == "internal.to-messages":
-                ev = orjson.loads(event.value)
+                ev = orjson.loads(rec.value)
             else:
-                ev = self._parse(ctx, event, contract)
+                ev = self._parse(ctx, rec, contract)
                 if ev is None:
                     continue
             key = ev["message_id"].encode()
             if key not in states:
-                raw = self.messages.get(key)
+                raw = tables.get("messages", partition, key)
                 states[key] = orjson.loads(raw) if raw else None
-            res = steps.message_step(states[key], ev, msg.partition, msg.offset)
+            res = steps.message_step(states[key], ev, partition, rec.offset)
             states[key] = res.state
             if res.changed:
-                dirty[key] = event
+                dirty[key] = partition
             self._queue_output(ctx, res.output)
-        await self._finish_batch(ctx, batch)
-        for key, event in dirty.items():
-            _set_current(event)
-            self.messages[key] = _dumps(states[key])
+
+        def write_state() -> None:
+            for key, partition in dirty.items():
+                tables.put("messages", partition, key, _dumps(states[key]))
+
+        ctx.state_writers.append(write_state)
 
     # ---- automations ----------------------------------------------------------------------------
 
-    async def process_automations(self, batch: list[Any]) -> None:
-        ctx = Batch()
-        replicas: dict[str, tuple[Any, dict | None]] = {}  # automation_id -> (last event, replica)
-        for event in batch:
-            _set_current(event)
-            if not event.value:
+    def process_automations(self, ctx: "Batch", records: list[Any]) -> None:
+        replicas: dict[str, tuple[int, dict | None]] = {}  # automation_id -> (partition, replica)
+        for rec in records:
+            if not rec.value:
                 continue  # a tombstone on the compacted topic: the definition we hold stays
-            ev = self._parse(ctx, event, "automations")
+            ev = self._parse(ctx, rec, "automations")
             if ev is None:
                 continue
             aid = ev["automation_id"]
             if aid in replicas:
                 current = replicas[aid][1]
             else:
-                raw = self.automations.get(aid.encode())
+                raw = self.tables.get("automations", rec.partition, aid.encode())
                 current = orjson.loads(raw) if raw else None
             replica = apply_automation_event(current, ev)
             if replica is None or replica == current:
                 continue
-            replicas[aid] = (event, replica)
+            replicas[aid] = (rec.partition, replica)
             if replica.get("defn") is None:
                 continue  # lifecycle before the definition: kept, sent along once it arrives
             ctx.rows.setdefault("automations", []).append(
@@ -484,10 +429,12 @@ class Pipeline:
                 "automation_id": aid}}
             for partition in range(self.settings.partitions):
                 ctx.sends.append((self.to_contacts, aid.encode(), _dumps(message), partition))
-        await self._finish_batch(ctx, batch)
-        for aid, (event, replica) in replicas.items():
-            _set_current(event)
-            self.automations[aid.encode()] = _dumps(replica)
+
+        def write_state() -> None:
+            for aid, (partition, replica) in replicas.items():
+                self.tables.put("automations", partition, aid.encode(), _dumps(replica))
+
+        ctx.state_writers.append(write_state)
 
 
 def content_token(table: str, rows: list[dict]) -> str:

@@ -12,7 +12,7 @@ CONSUMED = [name for name, t in TOPICS.items() if t.role in ("input", "internal"
 
 
 async def group_lag(settings: Settings) -> dict[str, int]:
-    """Messages not yet committed by the worker's group, per consumed topic (the group id is the Faust app id)."""
+    """Messages not yet committed by the worker's group, per consumed topic (group id: topic prefix + consumer group)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 

@@ -1,17 +1,16 @@
 """``sendtrail worker``: serve HTTP, migrate and create topics (retrying while ClickHouse or Kafka is
-unreachable; /readyz says which), then run the agents, the sink and the HTTP API in one process."""
+unreachable; /readyz says which), then run the pipeline, the sink and the HTTP API in one process."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 import time
 from typing import Any
 
-import mode
-from prometheus_client import CollectorRegistry
-
 from agents.app import Pipeline
+from agents.runtime import Runtime
 from agents.sink import BatchWriter
 from schemas.topics import TOPICS, topic_names
 from sendtrail.clickhouse import connect
@@ -24,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 async def ensure_topics(settings: Settings, timeout: float = 60.0, on_wait: Any = None) -> None:
-    """Create every contract and internal topic with the configured partitions (Faust skips missing ones).
+    """Create every contract and internal topic with the configured partitions.
 
     ``on_wait(exc)`` is called each time the broker does not answer yet."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -134,54 +133,6 @@ class BootState:
         return out or ["starting: agents not started yet"]
 
 
-#: Faust's PrometheusMonitor observes milliseconds into histograms named without a unit (one
-#: with the abbreviation ``_ms``); we give those histograms base-unit names and observe seconds.
-_FAUST_HISTOGRAMS = {
-    "events_runtime_latency": "event_runtime_seconds",
-    "producer_send_latency": "producer_send_latency_seconds",
-    "producer_error_send_latency": "producer_error_send_latency_seconds",
-    "assign_latency": "assign_latency_seconds",
-    "rebalance_done_consumer_latency": "rebalance_done_consumer_latency_seconds",
-    "rebalance_done_latency": "rebalance_done_latency_seconds",
-    "http_latency": "http_latency_seconds",
-    "consumer_commit_latency": "consumer_commit_latency_seconds",
-}
-FAUST_METRIC_PREFIX = "faust"
-
-
-class _MillisToSeconds:
-    __slots__ = ("_histogram",)
-
-    def __init__(self, histogram: Any) -> None:
-        self._histogram = histogram
-
-    def observe(self, amount: float, *args: Any, **kwargs: Any) -> None:
-        self._histogram.observe(amount / 1000.0)
-
-
-def attach_faust_monitor(app: Any, registry: CollectorRegistry, prefix: str = FAUST_METRIC_PREFIX) -> Any:
-    """Faust's own Prometheus monitor, recording on ``registry`` (not the global one) under
-    ``<prefix>_*`` names that pass ``promtool check metrics``; returns the monitor."""
-    from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
-    from prometheus_client import Histogram
-
-    scratch = CollectorRegistry(auto_describe=True)
-    created = FaustMetrics.create(scratch, prefix)
-    fields = {}
-    for name, metric in created._asdict().items():
-        if name in _FAUST_HISTOGRAMS:
-            doc = getattr(metric, "_documentation", name).replace(" in ms", "").replace("in ms", "")
-            fields[name] = _MillisToSeconds(Histogram(f"{prefix}_{_FAUST_HISTOGRAMS[name]}", doc + " (seconds)",
-                                                      registry=registry))
-        else:
-            scratch.unregister(metric)
-            registry.register(metric)
-            fields[name] = metric
-    monitor = PrometheusMonitor(metrics=created._replace(**fields))
-    app.monitor = monitor
-    return monitor
-
-
 class FaultInjectingClient:
     """A ClickHouse client whose inserts fail while ``fault_file`` exists (SENDTRAIL_SINK_FAULT_FILE)."""
 
@@ -205,151 +156,109 @@ def sink_client(settings: Settings) -> Any:
     return client
 
 
-def build_worker(settings: Settings) -> tuple[Pipeline, type]:
-    """The Faust app of the worker, with the HTTP server and the sink as its services.
+GAUGE_INTERVAL_SECONDS = 2.0
 
-    The returned ``Edge`` service class carries ``web_app``, ``boot`` (a :class:`BootState`),
-    ``metrics`` and ``api_client``; :func:`run_worker` serves ``web_app`` before the app starts.
-    """
-    metrics = Metrics.create()
-    registry = metrics.registry
-    metrics.set_sink_backlog_limit(settings.sink_max_backlog_rows)
-    metrics.touch_sink_tables()
-    sink = BatchWriter(lambda: sink_client(settings), max_rows=settings.batch_size * 4,
-                       max_seconds=settings.batch_seconds, max_backlog_rows=settings.sink_max_backlog_rows,
-                       retry_max_seconds=settings.sink_retry_max_seconds, metrics=SinkMetrics(metrics))
-    pipeline = Pipeline(settings, metrics, sink)
-    app = pipeline.app
-    attach_faust_monitor(app, registry)
-    from sendtrail.api.routes import make_deps_for_client
 
-    api_client = _LazyClient(settings.clickhouse_url)
-    api_deps = make_deps_for_client(api_client, client_factory=lambda: connect(settings.clickhouse_url),
-                                    stuck_after_seconds=settings.stuck_after_seconds)
-    publisher = Publisher(settings.kafka, settings.topic_prefix)
-    boot = BootState()
-    started = {"edge": False}
+class Worker:
+    """Everything one worker process runs: the HTTP edge (API, webhooks, metrics, health), the
+    Kafka publisher of the edge, the pipeline with its runtime, the sink and the gauges."""
 
-    async def readiness() -> list[str]:
-        if not boot.done:
-            return boot.reasons()
+    def __init__(self, settings: Settings) -> None:
+        from sendtrail.api.routes import make_deps_for_client
+
+        self.settings = settings
+        self.metrics = metrics = Metrics.create()
+        metrics.set_sink_backlog_limit(settings.sink_max_backlog_rows)
+        metrics.touch_sink_tables()
+        self.sink = BatchWriter(lambda: sink_client(settings), max_rows=settings.batch_size * 4,
+                                max_seconds=settings.batch_seconds, max_backlog_rows=settings.sink_max_backlog_rows,
+                                retry_max_seconds=settings.sink_retry_max_seconds, metrics=SinkMetrics(metrics))
+        self.pipeline = Pipeline(settings, metrics, self.sink)
+        self.runtime = Runtime(settings, self.pipeline)
+        self.api_client = _LazyClient(settings.clickhouse_url)
+        self.api_deps = make_deps_for_client(self.api_client, client_factory=lambda: connect(settings.clickhouse_url),
+                                             stuck_after_seconds=settings.stuck_after_seconds)
+        self.publisher = Publisher(settings.kafka, settings.topic_prefix)
+        self.boot = BootState()
+        self.running = False
+        self.web_app = build_web_app(WebDeps(settings=settings, metrics=metrics, registry=metrics.registry,
+                                             publisher=self.publisher, api_deps=self.api_deps,
+                                             readiness=self.readiness,
+                                             webhook_config=webhook_config_from(settings)))
+        self.runner: Any = None
+
+    async def readiness(self) -> list[str]:
+        if not self.boot.done:
+            return self.boot.reasons()
         reasons = []
         try:
-            await publisher.ping()
+            await self.publisher.ping()
         except Exception as exc:
-            reasons.append(f"kafka: not reachable at {settings.kafka} ({type(exc).__name__}: {exc})")
+            reasons.append(f"kafka: not reachable at {self.settings.kafka} ({type(exc).__name__}: {exc})")
         try:
-            await asyncio.wait_for(api_deps.query("SELECT 1", {}), 5.0)
+            await asyncio.wait_for(self.api_deps.query("SELECT 1", {}), 5.0)
         except Exception as exc:
             reasons.append(f"clickhouse: not reachable ({type(exc).__name__}: {exc})")
-        if not started["edge"]:
-            reasons.append("starting: agents not started yet")
+        if not self.running:
+            reasons.append("starting: pipeline not started yet")
             return reasons
-        if not app.assignor.assigned_actives():
-            reasons.append("partitions: none assigned yet")
-        recovery = getattr(app.tables, "recovery", None)
-        if recovery is not None and not recovery.completed.is_set():
+        if self.runtime.recovering:
             reasons.append("recovery: state tables are still recovering")
-        if sink.backlog_rows >= settings.sink_max_backlog_rows:
-            reasons.append(f"sink: backlog full ({sink.backlog_rows} rows)")
+        elif not self.runtime.assignment:
+            reasons.append("partitions: none assigned yet")
+        if self.sink.backlog_rows >= self.settings.sink_max_backlog_rows:
+            reasons.append(f"sink: backlog full ({self.sink.backlog_rows} rows)")
         return reasons
 
-    web_app = build_web_app(WebDeps(settings=settings, metrics=metrics, registry=registry, publisher=publisher,
-                                    api_deps=api_deps, readiness=readiness,
-                                    webhook_config=webhook_config_from(settings)))
-    gauges = GaugeState()
-
-    class Edge(mode.Service):
-        """The HTTP server, the Kafka publisher and the periodic gauges, started and stopped with the app."""
-
-        runner = None  # set by run_worker when it serves the HTTP API before the app starts
-
-        async def on_start(self) -> None:
-            await publisher.start()
-            if type(self).runner is None:
-                type(self).runner = await serve(web_app, settings.web_host, settings.web_port)
-                log.info("HTTP API on http://%s:%d", settings.web_host, settings.web_port)
-            started["edge"] = True
-            metrics.set_up(True)
-
-        @mode.Service.task
-        async def _gauges(self) -> None:
-            while not self.should_stop:
-                try:
-                    update_gauges(pipeline, gauges)
-                except Exception:
-                    log.exception("could not update gauges")
-                await self.sleep(GAUGE_INTERVAL_SECONDS)
-
-        async def on_stop(self) -> None:
-            metrics.set_up(False)
-            started["edge"] = False
-            runner, type(self).runner = type(self).runner, None
-            if runner is not None:
-                await runner.cleanup()
-            await publisher.stop()
-            await sink.close()
-            api_client.close()
-
-    Edge.web_app = web_app
-    Edge.boot = boot
-    Edge.metrics = metrics
-    Edge.api_client = api_client
-    app.service(Edge)
-    return pipeline, Edge
-
-
-GAUGE_INTERVAL_SECONDS = 2.0
-#: State tables whose keys are reported: metric label -> Pipeline attribute.
-STATE_TABLES = {"enrollments": "enrollments", "messages": "messages", "parked": "parked",
-                "resume-index": "resume_index", "automation-replicas": "replicas", "automations": "automations"}
-
-
-class GaugeState:
-    """The partitions whose lag series this process reports (to forget revoked ones)."""
-
-    def __init__(self) -> None:
-        self.reported: set[tuple[str, int]] = set()
-
-
-def update_gauges(pipeline: Pipeline, state: GaugeState | None = None) -> None:
-    """Consumer lag per assigned partition of a consumed topic (revoked partitions are forgotten)
-    and keys per state table."""
-    from agents.offsets import CONSUMED
-
-    app = pipeline.app
-    consumer = app.consumer
-    consumed = set(CONSUMED)
-    current: set[tuple[str, int]] = set()
-    committed_offsets = getattr(consumer, "_committed_offset", {})
-    for tp in app.assignor.assigned_actives():
-        topic = pipeline.contract_name.get(tp.topic)
-        if topic not in consumed:
-            continue  # table changelogs are read only to recover; no committed offset to report
-        try:
-            highwater = consumer.highwater(tp)
-        except Exception:
-            highwater = None
-        if highwater is None:
-            continue
-        committed = committed_offsets.get(tp)
-        pipeline.metrics.set_consumer_offsets(topic, tp.partition, committed, highwater)
-        current.add((topic, tp.partition))
-    if state is not None:
-        for topic, partition in state.reported - current:
-            pipeline.metrics.forget_partition(topic, partition)
-        state.reported = current
-    for name, attr in STATE_TABLES.items():
-        table = getattr(pipeline, attr, None)
-        if table is None:
-            continue
-        total = 0
-        for db in list(getattr(table.data, "_dbs", {}).values()):
+    async def _gauges(self) -> None:
+        while True:
             try:
-                total += int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
+                self.runtime.update_gauges()
             except Exception:
-                continue
-        pipeline.metrics.set_state_table_keys(name, total)
+                log.exception("could not update gauges")
+            await asyncio.sleep(GAUGE_INTERVAL_SECONDS)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve HTTP at once, wait for ClickHouse and Kafka, run the pipeline until ``stop`` is set."""
+        settings = self.settings
+        self.runner = await serve(self.web_app, settings.web_host, settings.web_port)
+        log.info("HTTP API on http://%s:%d (not ready until Kafka and ClickHouse are)", settings.web_host,
+                 settings.web_port)
+        gauges = None
+        try:
+            boot = asyncio.ensure_future(bootstrap(settings, self.boot))
+            waiter = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({boot, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if boot not in done:
+                boot.cancel()
+                await asyncio.gather(boot, return_exceptions=True)
+                log.info("stopped before the pipeline started")
+                return
+            waiter.cancel()
+            boot.result()
+            await self.publisher.start()
+            await self.runtime.start()
+            self.running = True
+            self.metrics.set_up(True)
+            gauges = asyncio.ensure_future(self._gauges())
+            watcher = asyncio.ensure_future(stop.wait())
+            watcher.add_done_callback(lambda _: self.runtime.stop())
+            try:
+                await self.runtime.run()
+            finally:
+                watcher.cancel()
+        finally:
+            self.metrics.set_up(False)
+            self.running = False
+            if gauges is not None:
+                gauges.cancel()
+                await asyncio.gather(gauges, return_exceptions=True)
+            await self.runtime.close()
+            await self.publisher.stop()
+            await self.sink.close()
+            if self.runner is not None:
+                await self.runner.cleanup()
+            self.api_client.close()
 
 
 def _prepare_clickhouse(settings: Settings) -> list[str]:
@@ -407,34 +316,15 @@ async def bootstrap(settings: Settings, boot: BootState) -> None:
 
 
 def run_worker(settings: Settings) -> None:
-    """Serve HTTP at once, wait for ClickHouse (migrations) and Kafka (topics), then run the agents."""
-    import faust
-    import signal
-
+    """Run a worker until SIGTERM or SIGINT, then stop cleanly (the running batch ends and commits)."""
     (settings.data_dir / "state").mkdir(parents=True, exist_ok=True)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    pipeline, edge = build_worker(settings)
-    edge.runner = loop.run_until_complete(serve(edge.web_app, settings.web_host, settings.web_port))
-    log.info("HTTP API on http://%s:%d (not ready until Kafka and ClickHouse are)", settings.web_host,
-             settings.web_port)
-    task = loop.create_task(bootstrap(settings, edge.boot))
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, task.cancel)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
-        loop.run_until_complete(task)
-    except asyncio.CancelledError:
-        log.info("stopped before the agents started")
-        runner, edge.runner = edge.runner, None
-        loop.run_until_complete(runner.cleanup())
-        edge.api_client.close()
-        loop.close()
-        return
+        loop.run_until_complete(Worker(settings).run(stop))
     finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-    worker = faust.Worker(pipeline.app, loop=loop, loglevel=settings.log_level, quiet=True,
-                          redirect_stdouts=False)
-    worker.spinner = None  # its terminal spinner sets the root logger to DEBUG: every log call would build a record
-    worker.execute_from_commandline()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

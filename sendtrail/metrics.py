@@ -193,6 +193,22 @@ METRIC_DEFS: tuple[MetricDef, ...] = (
               "High watermark (end offset) of an assigned partition.", "consumer_end_offset"),
     MetricDef("sendtrail_state_table_keys", "gauge", ("table",),
               "Keys held in a local state table (this process's partitions).", "state_table_keys"),
+    MetricDef("sendtrail_rebalances_total", "counter", ("phase",),
+              "Consumer group rebalances seen by this worker, by phase (revoked|assigned).", "rebalances"),
+    MetricDef("sendtrail_state_recovered_records_total", "counter", ("table",),
+              "Changelog records applied to local state tables while recovering assigned partitions.",
+              "state_recovered_records"),
+    MetricDef("sendtrail_state_recovery_duration_seconds", "histogram", (),
+              "Time to bring the assigned state partitions up to their changelogs after a rebalance.",
+              "state_recovery_duration"),
+    MetricDef("sendtrail_changelog_records_written_total", "counter", (),
+              "State-table changes written to the changelog topics (one per changed key per batch).",
+              "changelog_records_written"),
+    MetricDef("sendtrail_batches_total", "counter", ("outcome",),
+              "Batches of consumed records by outcome (committed|failed; a failed batch is retried "
+              "from the committed offsets).", "batches"),
+    MetricDef("sendtrail_batch_duration_seconds", "histogram", (),
+              "Time to process and commit one batch (outputs, rows, state and offsets).", "batch_duration"),
     # -- ClickHouse sink
     MetricDef("sendtrail_sink_batch_rows", "histogram", ("table",),
               "Rows per batch inserted into a ClickHouse table.", "sink_batch_rows"),
@@ -249,6 +265,8 @@ _BUCKETS: dict[str, tuple[float, ...]] = {
     "sendtrail_event_to_clickhouse_latency_seconds": LATENCY_BUCKETS,
     "sendtrail_sink_batch_rows": BATCH_ROWS_BUCKETS,
     "sendtrail_sink_flush_duration_seconds": FLUSH_BUCKETS,
+    "sendtrail_state_recovery_duration_seconds": FLUSH_BUCKETS,
+    "sendtrail_batch_duration_seconds": FLUSH_BUCKETS,
     "sendtrail_webhook_request_duration_seconds": HTTP_BUCKETS,
     "sendtrail_api_request_duration_seconds": HTTP_BUCKETS,
 }
@@ -533,6 +551,25 @@ class Metrics:
                 g.remove(*labels)
             except KeyError:
                 pass
+
+    def rebalanced(self, phase: str) -> None:
+        self.rebalances.labels(phase=phase if phase in ("revoked", "assigned") else OTHER).inc()
+
+    def state_recovered(self, table: str, records: int) -> None:
+        self.state_recovered_records.labels(table=self._reason(table)).inc(records)
+
+    def observe_recovery(self, seconds: float) -> None:
+        self.state_recovery_duration.observe(max(seconds, 0.0))
+
+    def changelog_written(self, records: int) -> None:
+        self.changelog_records_written.inc(records)
+
+    def batch_done(self, seconds: float) -> None:
+        self.batches.labels(outcome="committed").inc()
+        self.batch_duration.observe(max(seconds, 0.0))
+
+    def batch_failed(self) -> None:
+        self.batches.labels(outcome="failed").inc()
 
     def set_state_table_keys(self, table: str, keys: int) -> None:
         self.state_table_keys.labels(table=self._table(table)).set(keys)

@@ -42,6 +42,12 @@ REQUIRED = {
     "sendtrail_build_info": ("gauge", {"version"}),
     "sendtrail_events_processed_total": ("counter", set()),
     "sendtrail_last_event_processed_timestamp_seconds": ("gauge", set()),
+    "sendtrail_rebalances_total": ("counter", {"phase"}),
+    "sendtrail_state_recovered_records_total": ("counter", {"table"}),
+    "sendtrail_state_recovery_duration_seconds": ("histogram", set()),
+    "sendtrail_changelog_records_written_total": ("counter", set()),
+    "sendtrail_batches_total": ("counter", {"outcome"}),
+    "sendtrail_batch_duration_seconds": ("histogram", set()),
 }
 
 UNIT_SUFFIXES = ("_seconds", "_rows", "_bytes", "_total", "_info", "_keys", "_offset", "_lag", "_up", "_ratio")
@@ -72,6 +78,12 @@ def exercise(metrics: Metrics) -> None:
     metrics.webhook_request("sendgrid", "accepted", 0.004)
     metrics.webhook_event("sendgrid", "message.delivered", 2)
     metrics.api_request("/api/v1/automations/{id}", 200, 0.01)
+    metrics.rebalanced("assigned")
+    metrics.state_recovered("enrollments", 12)
+    metrics.observe_recovery(0.2)
+    metrics.changelog_written(7)
+    metrics.batch_done(0.05)
+    metrics.batch_failed()
 
 
 def families(registry: CollectorRegistry) -> dict:

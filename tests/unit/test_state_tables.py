@@ -1,0 +1,179 @@
+"""Partition state tables: local RocksDB stores that never get ahead of their changelog."""
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from agents.state import MARKER_KEY, PartitionStore, StateTables, changelog_topic
+
+
+class FakeProducer:
+    """Records sends; ``fail_topic`` makes every send to that topic fail at acknowledgement."""
+
+    def __init__(self, fail_topic: str | None = None) -> None:
+        self.sent: list[tuple[str, int, bytes, bytes | None]] = []
+        self.offsets: dict[tuple[str, int], int] = {}
+        self.fail_topic = fail_topic
+        self.flushed = 0
+
+    async def send(self, topic, value=None, key=None, partition=None):
+        fut = asyncio.get_running_loop().create_future()
+        if topic == self.fail_topic:
+            fut.set_exception(ConnectionError("broker gone"))
+            return fut
+        offset = self.offsets.get((topic, partition), 0)
+        self.offsets[(topic, partition)] = offset + 1
+        self.sent.append((topic, partition, key, value))
+        fut.set_result(SimpleNamespace(offset=offset))
+        return fut
+
+    async def flush(self):
+        self.flushed += 1
+
+
+def test_store_writes_values_deletes_and_marker_together(tmp_path):
+    store = PartitionStore(tmp_path / "t" / "0")
+    assert store.marker == -1
+    store.write({b"a\x1fc1": b"1", b"a\x1fc2": b"2", b"b\x1fc1": b"3"}, marker=7)
+    store.write({b"a\x1fc2": None}, marker=8)
+    assert store.marker == 8
+    assert store.get(b"a\x1fc2") is None
+    assert list(store.items(b"a\x1f")) == [(b"a\x1fc1", b"1")]
+    assert [k for k, _ in store.items()] == [b"a\x1fc1", b"b\x1fc1"]  # the marker is not a table key
+    store.close()
+    reopened = PartitionStore(tmp_path / "t" / "0")
+    assert reopened.marker == 8 and reopened.get(MARKER_KEY) == b"8"
+    reopened.wipe()
+    assert reopened.marker == -1 and list(reopened.items()) == []
+    reopened.close()
+
+
+def test_commit_sends_each_staged_key_to_its_changelog_partition_then_applies_locally(tmp_path):
+    tables = StateTables(tmp_path, "g", ["enrollments", "messages"])
+    tables.put("enrollments", 2, b"k1", b"v1")
+    tables.put("enrollments", 2, b"k1", b"v2")  # the last staged value of a key wins
+    tables.put("messages", 0, b"m1", b"x")
+    tables.put("enrollments", 2, b"k2", None)
+    producer = FakeProducer()
+    written = asyncio.run(tables.commit(producer))
+    assert written == 3
+    topic = changelog_topic("g", "enrollments")
+    assert topic == "g-enrollments-changelog"
+    assert (topic, 2, b"k1", b"v2") in producer.sent and (topic, 2, b"k2", None) in producer.sent
+    assert producer.flushed == 1
+    assert tables.get("enrollments", 2, b"k1") == b"v2"
+    assert tables.store("enrollments", 2).marker == 1  # offset of the last record of that partition
+    assert tables.store("messages", 0).marker == 0
+    assert tables.staged == 0
+    tables.close()
+
+
+def test_a_failed_changelog_send_applies_nothing_locally(tmp_path):
+    tables = StateTables(tmp_path, "g", ["enrollments", "messages"])
+    tables.put("enrollments", 1, b"k", b"new")
+    tables.put("messages", 1, b"m", b"new")
+    with pytest.raises(ConnectionError):
+        asyncio.run(tables.commit(FakeProducer(fail_topic=changelog_topic("g", "messages"))))
+    assert tables.get("enrollments", 1, b"k") is None and tables.get("messages", 1, b"m") is None
+    assert tables.store("enrollments", 1).marker == -1
+    tables.discard()
+    assert tables.staged == 0
+    tables.close()
+
+
+class FakeChangelogConsumer:
+    """A group-less consumer over in-memory changelog partitions: {TopicPartition: [(key, value), ...]}."""
+
+    def __init__(self, logs: dict, start: int = 0) -> None:
+        self.logs = logs
+        self.start = start
+        self.positions: dict = {}
+
+    def assign(self, tps):
+        self.positions = {tp: self.positions.get(tp, self.start) for tp in tps}
+
+    async def end_offsets(self, tps):
+        return {tp: self.start + len(self.logs.get(tp, [])) for tp in tps}
+
+    async def beginning_offsets(self, tps):
+        return {tp: self.start for tp in tps}
+
+    def seek(self, tp, offset):
+        self.positions[tp] = offset
+
+    def pause(self, tp):
+        self.positions.pop(tp, None)
+
+    async def getmany(self, *tps, timeout_ms=0, max_records=None):
+        out = {}
+        for tp in tps:
+            if tp not in self.positions:
+                continue
+            pos = self.positions[tp]
+            chunk = self.logs.get(tp, [])[pos - self.start:pos - self.start + 2]  # small fetches
+            if chunk:
+                out[tp] = [SimpleNamespace(offset=pos + i, key=k, value=v) for i, (k, v) in enumerate(chunk)]
+                self.positions[tp] = pos + len(chunk)
+        return out
+
+
+def _tp(topic, partition):
+    from aiokafka import TopicPartition
+
+    return TopicPartition(topic, partition)
+
+
+def test_recovery_replays_the_changelog_from_the_local_marker_to_its_end(tmp_path):
+    tables = StateTables(tmp_path, "g", ["enrollments"])
+    tables.store("enrollments", 0).write({b"a": b"1", b"b": b"1"}, marker=1)  # offsets 0..1 applied
+    log = [(b"a", b"1"), (b"b", b"1"), (b"a", b"2"), (b"c", b"1"), (b"b", None)]
+    applied = asyncio.run(tables.recover(FakeChangelogConsumer({_tp("g-enrollments-changelog", 0): log}),
+                                         [("enrollments", 0)]))
+    assert applied == {"enrollments": 3}
+    store = tables.store("enrollments", 0)
+    assert dict(store.items()) == {b"a": b"2", b"c": b"1"} and store.marker == 4
+    tables.close()
+
+
+def test_recovery_rebuilds_a_store_that_belongs_to_another_history(tmp_path):
+    tables = StateTables(tmp_path, "g", ["messages"])
+    tables.store("messages", 3).write({b"old": b"x"}, marker=40)  # beyond the changelog's end: topics recreated
+    log = [(b"m1", b"1"), (b"m2", b"1")]
+    applied = asyncio.run(tables.recover(FakeChangelogConsumer({_tp("g-messages-changelog", 3): log}),
+                                         [("messages", 3)]))
+    assert applied == {"messages": 2}
+    assert dict(tables.store("messages", 3).items()) == {b"m1": b"1", b"m2": b"1"}
+    tables.close()
+
+
+def test_recovery_of_an_up_to_date_store_reads_nothing(tmp_path):
+    tables = StateTables(tmp_path, "g", ["parked"])
+    tables.store("parked", 1).write({b"k": b"v"}, marker=0)
+    applied = asyncio.run(tables.recover(FakeChangelogConsumer({_tp("g-parked-changelog", 1): [(b"k", b"v")]}),
+                                         [("parked", 1)]))
+    assert applied == {}
+    assert dict(tables.store("parked", 1).items()) == {b"k": b"v"}
+    tables.close()
+
+
+@pytest.mark.parametrize("members", [1, 2, 3, 5])
+def test_the_range_assignor_keeps_every_topic_of_a_partition_number_on_one_member(members):
+    """The runtime relies on it: a contact's enrollments, sends and outcomes share a partition number."""
+    from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+
+    from agents.runtime import ASSIGNOR
+
+    assert ASSIGNOR is RangePartitionAssignor
+    topics = ["p.automations", "p.enrollments", "p.sends", "p.provider-events", "p.internal.to-contacts",
+              "p.internal.to-messages"]
+    cluster = SimpleNamespace(partitions_for_topic=lambda topic: set(range(8)))
+    metadata = {f"member-{i}": RangePartitionAssignor.metadata(topics) for i in range(members)}
+    assignment = RangePartitionAssignor.assign(cluster, metadata)
+    owner: dict[int, str] = {}
+    for member, assigned in assignment.items():
+        for topic, partitions in assigned.assignment:
+            for p in partitions:
+                assert owner.setdefault(p, member) == member, (topic, p)
+    assert sorted(owner) == list(range(8))
