@@ -83,7 +83,7 @@ class Pipeline:
         self.settings = settings
         self.metrics = metrics
         self.sink = sink
-        self.producer: Any = None  # an AIOKafkaProducer, set by the runtime before the first batch
+        self.producer: Any = None  # an agents.produce.BatchProducer, set by the runtime before the first batch
         names = topic_names(settings.topic_prefix)
         self.topic_names = names
         self.group_id = f"{settings.topic_prefix}{settings.consumer_group}"
@@ -189,12 +189,7 @@ class Pipeline:
         is None, as every producer of the contract topics does. Raises if any send failed, so
         the batch is retried instead of committed.
         """
-        send = self.producer.send
-        futures = [await send(topic, value=value, key=key, partition=partition)
-                   for topic, key, value, partition in sends]
-        await self.producer.flush()
-        for fut in futures:
-            await fut
+        await self.producer.send_all(sends)
 
     async def _finish_batch(self, ctx: "Batch") -> None:
         """Make the batch's effects durable: Kafka outputs acknowledged and ClickHouse rows written.

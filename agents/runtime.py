@@ -31,6 +31,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
+from agents.produce import BatchProducer
 from agents.state import StateTables
 from sendtrail.settings import Settings
 
@@ -82,7 +83,7 @@ class Runtime:
         self.producer = AIOKafkaProducer(bootstrap_servers=s.kafka, acks="all", linger_ms=5,
                                          max_batch_size=256 * 1024, max_request_size=2 * 1024 * 1024)
         await self.producer.start()
-        self.pipeline.producer = self.producer
+        self.pipeline.producer = BatchProducer(self.producer)
         self._changelog_reader = AIOKafkaConsumer(bootstrap_servers=s.kafka, enable_auto_commit=False,
                                                   max_partition_fetch_bytes=4 * 1024 * 1024)
         await self._changelog_reader.start()
@@ -225,7 +226,7 @@ class Runtime:
     async def _process(self, fetched: dict[TopicPartition, list]) -> None:
         began = time.perf_counter()
         await self.pipeline.process(fetched)
-        written = await self.tables.commit(self.producer)
+        written = await self.tables.commit(self.pipeline.producer)
         if written:
             self.metrics.changelog_written(written)
         offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items() if records}

@@ -131,24 +131,16 @@ class StateTables:
 
     async def commit(self, producer: Any) -> int:
         """Changelog first (acknowledged), then the local stores with their markers; returns the
-        number of records written. On a failed send nothing is applied locally and the staged
-        writes stay, so the caller may retry or discard."""
+        number of records written. ``producer`` is an :class:`agents.produce.BatchProducer`. On a
+        failed send nothing is applied locally and the staged writes stay (retry or discard)."""
         if not self._staged:
             return 0
-        sends = []
-        for (table, partition), writes in self._staged.items():
-            topic = self.topic(table)
-            futures = [await producer.send(topic, value=value, key=key, partition=partition)
-                       for key, value in writes.items()]
-            sends.append(((table, partition), writes, futures))
-        await producer.flush()
-        for _, _, futures in sends:
-            for fut in futures:
-                await fut  # raises if the broker refused a record
+        last = await producer.send_all(
+            (self.topic(table), key, value, partition)
+            for (table, partition), writes in self._staged.items() for key, value in writes.items())
         written = 0
-        for (table, partition), writes, futures in sends:
-            last = (await futures[-1]).offset
-            self.store(table, partition).write(writes, last)
+        for (table, partition), writes in self._staged.items():
+            self.store(table, partition).write(writes, last[(self.topic(table), partition)])
             written += len(writes)
         self._staged.clear()
         return written

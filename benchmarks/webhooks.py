@@ -7,13 +7,18 @@ stopped at the end) unless ``--bootstrap`` is given, starts ``python -m
 sendtrail.cli gateway`` as a subprocess with a freshly generated SendGrid
 verification key, and posts signed batches of ``--batch`` events from an aiohttp
 ClientSession with ``--connections`` concurrent keep-alive connections on
-loopback for ``--seconds`` (after a short warm-up), or until ``--max-requests``.
+loopback for ``--seconds`` (after ``--warmup``), or until ``--max-requests``.
 Every 200 answer means Kafka acknowledged all events of the batch (acks=all);
 at the end the benchmark checks that the ``provider-events`` end offsets grew
 by exactly the number of accepted events.
 
-Prints accepted events/s, request latency percentiles, the gateway's CPU use
-and the load average; the last line is one JSON object with every figure.
+Prints accepted events/s, request latency percentiles, the CPU time per
+accepted event of the gateway, of this HTTP client and of the broker (when
+started here or found in ``--kafka-dir``), how busy the machine was and the
+load average; the last line is one JSON object with every figure. The machine
+may be shared: throughput then depends on the CPU other processes leave to the
+gateway, the client and the broker, the CPU time per event much less (it still
+grows somewhat on a crowded machine: caches, context switches).
 Target: >= 20,000 events/s on one gateway process.
 """
 from __future__ import annotations
@@ -28,6 +33,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -78,6 +84,32 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores (from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
+def cpu_snapshot(gateway_pid: int, broker_pids: list[int]) -> dict:
+    """CPU seconds used so far by the gateway, this process (the HTTP client), the brokers and the machine."""
+    busy, total = machine_cpu_seconds()
+    return {"t": time.monotonic(), "gateway": cpu_seconds(gateway_pid), "client": time.process_time(),
+            "broker": sum(cpu_seconds(pid) for pid in broker_pids), "busy": busy, "total": total}
+
+
+def broker_pids(kafka_dir: str, bootstrap: str) -> list[int]:
+    """The pids of the brokers ``deploy/local/kafka`` runs in ``kafka_dir`` for ``bootstrap`` (empty when unknown)."""
+    try:
+        state = json.loads((Path(kafka_dir) / "state.json").read_text())
+    except FileNotFoundError:
+        return []
+    if state.get("bootstrap") != bootstrap:
+        return []
+    return [int(n["pid"]) for n in state.get("nodes", []) if n.get("pid")]
+
+
 async def provider_events_end(bootstrap: str, topic: str) -> int:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -95,7 +127,9 @@ async def provider_events_end(bootstrap: str, topic: str) -> int:
 
 
 async def load(port: int, bodies: list[tuple[bytes, dict]], connections: int, seconds: float, warmup: float,
-               max_requests: int) -> dict:
+               max_requests: int, on_measure_start: Callable[[], None]) -> dict:
+    """Post the bodies from ``connections`` concurrent keep-alive connections; figures count the requests
+    sent after the warm-up (``on_measure_start`` is called when it ends)."""
     import aiohttp
 
     url = f"http://127.0.0.1:{port}/webhooks/sendgrid"
@@ -105,6 +139,8 @@ async def load(port: int, bodies: list[tuple[bytes, dict]], connections: int, se
     t_start = time.perf_counter()
     measure_from = t_start + warmup
     stop_at = measure_from + seconds
+    loop = asyncio.get_running_loop()
+    loop.call_at(loop.time() + warmup, on_measure_start)
 
     async with aiohttp.ClientSession(connector=connector) as session:
         async def client() -> None:
@@ -142,7 +178,8 @@ async def load(port: int, bodies: list[tuple[bytes, dict]], connections: int, se
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--warmup", type=float, help="seconds of load before measuring (default 10 when the benchmark "
+                    "starts Kafka, whose JIT needs them, else 3)")
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--bodies", type=int, default=400, help="distinct signed batches to cycle through")
@@ -154,6 +191,8 @@ def main() -> int:
 
     started_kafka = False
     bootstrap = args.bootstrap
+    if args.warmup is None:
+        args.warmup = 3.0 if bootstrap else 10.0
     gateway = None
     try:
         if not bootstrap:
@@ -200,14 +239,27 @@ def main() -> int:
             bodies.append((body, sendgrid_sign(body, timestamp=ts)))
         topic = prefix + "provider-events"
         before = asyncio.run(provider_events_end(bootstrap, topic))
-        load_before = os.getloadavg()
-        cpu0, t0 = cpu_seconds(gateway.pid), time.monotonic()
-        stats = asyncio.run(load(port, bodies, args.connections, args.seconds, args.warmup, args.max_requests))
-        cpu1, t1 = cpu_seconds(gateway.pid), time.monotonic()
-        load_after = os.getloadavg()
+        brokers = broker_pids(args.kafka_dir, bootstrap)  # empty for a --bootstrap not run from --kafka-dir
+        marks: dict[str, dict] = {}
+
+        def measure_start() -> None:
+            marks["start"] = cpu_snapshot(gateway.pid, brokers)
+            marks["load_before"] = os.getloadavg()
+
+        stats = asyncio.run(load(port, bodies, args.connections, args.seconds, args.warmup, args.max_requests,
+                                 measure_start))
+        end = cpu_snapshot(gateway.pid, brokers)
+        if "start" not in marks:
+            sys.stderr.write("the run ended before the warm-up did (raise --max-requests or lower --warmup)\n")
+            return 1
+        load_before, load_after = marks["load_before"], os.getloadavg()
+        start = marks["start"]
+        used = {k: end[k] - start[k] for k in start}
         after = asyncio.run(provider_events_end(bootstrap, topic))
         lat = sorted(stats["latencies"])
         wall = stats["wall"] if stats["wall"] > 0 else float("nan")
+        events = max(stats["accepted"], 1)
+        others = used["busy"] - used["gateway"] - used["client"] - used["broker"]
         result = {
             "benchmark": "webhooks",
             "provider": "sendgrid",
@@ -224,10 +276,17 @@ def main() -> int:
             "errors": stats["errors"],
             "kafka_records_written": after - before,
             "kafka_matches_accepted": (after - before) == stats["all_accepted"],
-            "gateway_cpu_percent": round(100 * (cpu1 - cpu0) / (t1 - t0), 1),
-            # CPU time the gateway spent per accepted event (warm-up included on both sides): a figure that
-            # does not depend on how busy the machine is, and the events/s one core could carry at 100%
-            "gateway_cpu_us_per_event": round(1e6 * (cpu1 - cpu0) / max(stats["all_accepted"], 1), 1),
+            # CPU figures cover the measured window only (after the warm-up, which also warms up a freshly
+            # started broker's JIT). CPU time per accepted event depends far less than events/s on how busy
+            # the machine is; 1e6 / gateway_cpu_us_per_event is what one gateway core could carry at 100%.
+            "gateway_cpu_percent": round(100 * used["gateway"] / used["t"], 1),
+            "gateway_cpu_us_per_event": round(1e6 * used["gateway"] / events, 1),
+            "client_cpu_us_per_event": round(1e6 * used["client"] / events, 1),
+            "broker_cpu_us_per_event": round(1e6 * used["broker"] / events, 1) if brokers else None,
+            # how busy all cores were, and how much of that was neither gateway, client nor broker
+            "machine_busy_percent": round(100 * used["busy"] / used["total"], 1) if used["total"] > 0 else None,
+            "other_processes_cpu_percent_of_machine": round(100 * others / used["total"], 1)
+            if used["total"] > 0 and brokers else None,
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in load_after],
             "cpus": os.cpu_count(),
@@ -247,6 +306,9 @@ def main() -> int:
               f"~{result['cpu_bound_events_per_second_per_core']} events/s)")
         print(f"  gateway CPU {result['gateway_cpu_percent']}% of one core; load average {load_before[0]:.2f} -> "
               f"{load_after[0]:.2f} on {os.cpu_count()} CPUs")
+        print(f"  client CPU {result['client_cpu_us_per_event']} us per event, broker CPU "
+              f"{result['broker_cpu_us_per_event']} us per event; all cores {result['machine_busy_percent']}% busy, "
+              f"{result['other_processes_cpu_percent_of_machine']}% by other processes")
         print(json.dumps(result))
         return 0 if result["kafka_matches_accepted"] else 1
     finally:

@@ -202,7 +202,10 @@ class Publisher:
             return
         deadline = time.monotonic() + self.timeout
         try:
-            waiters = await asyncio.wait_for(self._append_all(producer, messages), self.timeout)
+            counts = self._known_partition_counts(producer, messages)
+            if counts is None:
+                counts = await asyncio.wait_for(self._partition_counts(producer, messages), self.timeout)
+            waiters = self._append_all(producer, messages, counts)
         except asyncio.TimeoutError:
             raise PublishError(f"Kafka did not answer within {self.timeout:g}s (topic metadata)") from None
         except PublishError:
@@ -220,18 +223,36 @@ class Publisher:
         if failure is not None:
             raise PublishError(f"Kafka refused a write: {type(failure).__name__}: {failure}") from failure
 
-    async def _append_all(self, producer, messages) -> set:
+    def _known_partition_counts(self, producer, messages) -> dict[str, tuple[str, int]] | None:
+        """{contract topic: (topic, partition count)} from the producer's metadata, None when a topic is unknown."""
         prefix = self.topic_prefix
-        parts_of: dict[str, int] = {}
-        queues = self._queues
-        waiters = set()
-        touched = set()
+        cluster = producer.client.cluster
+        counts: dict[str, tuple[str, int]] = {}
+        for topic, _, _ in messages:
+            if topic not in counts:
+                full = prefix + topic
+                parts = cluster.partitions_for_topic(full)
+                if not parts:
+                    return None
+                counts[topic] = (full, len(parts))
+        return counts
+
+    async def _partition_counts(self, producer, messages) -> dict[str, tuple[str, int]]:
+        """Like :meth:`_known_partition_counts`, fetching the metadata of topics the producer does not know yet."""
+        prefix = self.topic_prefix
+        counts: dict[str, tuple[str, int]] = {}
+        for topic, _, _ in messages:
+            if topic not in counts:
+                full = prefix + topic
+                counts[topic] = (full, await self._partition_count(producer, full))
+        return counts
+
+    def _append_all(self, producer, messages, counts: dict[str, tuple[str, int]]) -> set:
+        """Append every message to its partition's open batch (no await: the messages of one call stay together)."""
         hashes = self._hashes
+        by_partition: dict[tuple[str, int], list] = {}
         for topic, key, value in messages:
-            full = prefix + topic
-            n = parts_of.get(full)
-            if n is None:
-                n = parts_of[full] = await self._partition_count(producer, full)
+            full, n = counts[topic]
             if key is None:
                 part = random.randrange(n)
             else:
@@ -241,24 +262,32 @@ class Publisher:
                         hashes.clear()
                     h = hashes[key] = murmur2(key) & 0x7FFFFFFF
                 part = h % n  # Kafka's default partitioner (Java clients, aiokafka, Faust)
-            tp = (full, part)
+            group = by_partition.get((full, part))
+            if group is None:
+                by_partition[(full, part)] = [(key, value)]
+            else:
+                group.append((key, value))
+        queues = self._queues
+        waiters = set()
+        for tp, group in by_partition.items():
             queue = queues.get(tp)
             if queue is None:
                 queue = queues[tp] = deque()
             if not queue:  # the partition's shipper (if any) took the last batch: open a new one
                 queue.append(_OpenBatch(producer))
             batch = queue[-1]
-            if batch.builder.append(timestamp=None, key=key, value=value) is None:
-                batch = _OpenBatch(producer)
-                queue.append(batch)
-                if batch.builder.append(timestamp=None, key=key, value=value) is None:
-                    raise PublishError(f"a message of {len(value)} bytes is larger than a Kafka batch")
+            append = batch.builder.append
+            for key, value in group:
+                if append(timestamp=None, key=key, value=value) is None:
+                    waiters.add(batch.acked)
+                    batch = _OpenBatch(producer)
+                    queue.append(batch)
+                    append = batch.builder.append
+                    if append(timestamp=None, key=key, value=value) is None:
+                        raise PublishError(f"a message of {len(value)} bytes is larger than a Kafka batch")
             waiters.add(batch.acked)
-            touched.add(tp)
-        for tp in touched:
             if tp not in self._shippers:
                 self._schedule_flush()
-                break
         return waiters
 
     async def _partition_count(self, producer, topic: str) -> int:

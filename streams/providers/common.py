@@ -12,7 +12,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from email.utils import parseaddr
 from typing import Any, Mapping
 
@@ -193,11 +193,33 @@ def format_dt(dt: datetime) -> str:
     return text + "Z"
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_SECOND_TEXT: dict[int, str] = {}  # whole unix second -> "YYYY-MM-DDTHH:MM:SS" (events of a batch share a few)
+_SECOND_TEXT_MAX = 4096
+
+
+def _second_text(second: int) -> str:
+    text = _SECOND_TEXT.get(second)
+    if text is None:
+        if len(_SECOND_TEXT) >= _SECOND_TEXT_MAX:
+            _SECOND_TEXT.clear()
+        days, rest = divmod(second, 86400)
+        day = date.fromordinal(_EPOCH_ORDINAL + days)
+        minutes, sec = divmod(rest, 60)
+        text = _SECOND_TEXT[second] = (f"{day.year:04d}-{day.month:02d}-{day.day:02d}T"
+                                       f"{minutes // 60:02d}:{minutes % 60:02d}:{sec:02d}")
+    return text
 
 
 def epoch_to_rfc3339(value: Any) -> str | None:
-    """Unix seconds (int, float or numeric string) -> RFC 3339 ``Z``; None when unusable."""
+    """Unix seconds (int, float or numeric string) -> RFC 3339 ``Z``; None when unusable.
+
+    Same text as :func:`format_dt` of the instant rounded to the microsecond.
+    """
+    if type(value) is int:  # the common case (SendGrid): no float detour
+        if 0 < value < _MAX_EPOCH:
+            return _second_text(value) + "Z"
+        return None
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
@@ -213,8 +235,10 @@ def epoch_to_rfc3339(value: Any) -> str | None:
         return None
     if not math.isfinite(seconds) or not 0 < seconds < _MAX_EPOCH:
         return None
-    micros = round(seconds * 1_000_000)
-    return format_dt(_EPOCH + timedelta(microseconds=micros))
+    second, micros = divmod(round(seconds * 1_000_000), 1_000_000)
+    if micros:
+        return f"{_second_text(second)}.{micros:06d}Z"
+    return _second_text(second) + "Z"
 
 
 _ISO_RE = re.compile(
@@ -267,7 +291,41 @@ def stable_hash(*parts: Any) -> str:
 # --------------------------------------------------------------------------- sender tags
 
 _TAG_NAMES = {"automationid": "automation_id", "contactid": "contact_id", "stepindex": "step_index"}
-_DIGITS_RE = re.compile(r"^\d{1,9}$")
+_TAG_OF_KEY: dict[str, str | None] = {}  # key as sent -> tag name or None
+_TAG_KEYS_OF: dict[tuple, tuple[tuple[str, str], ...]] = {}  # a source's keys, in order -> its (key, tag name)s
+_CACHE_MAX = 4096  # both caches start over when they reach this many entries (keys come from the outside)
+_UNSEEN = object()
+
+
+def _tag_of(key: Any) -> str | None:
+    if not isinstance(key, str):
+        return None
+    name = _TAG_OF_KEY.get(key, _UNSEEN)
+    if name is _UNSEEN:
+        if len(_TAG_OF_KEY) >= _CACHE_MAX:
+            _TAG_OF_KEY.clear()
+        name = _TAG_OF_KEY[key] = _TAG_NAMES.get(key.replace("_", "").replace("-", "").lower())
+    return name
+
+
+def _tag_keys(source: dict) -> tuple[tuple[str, str], ...]:
+    """The keys of ``source`` that name a tag, in order, with the tag they name.
+
+    Events of one provider share a handful of key sets, so the answer is cached by the
+    tuple of keys (hashing it reuses the keys' cached hashes; no per-key Python work).
+    """
+    signature = tuple(source)
+    found = _TAG_KEYS_OF.get(signature)
+    if found is None:
+        if len(_TAG_KEYS_OF) >= _CACHE_MAX:
+            _TAG_KEYS_OF.clear()
+        found = []
+        for key in signature:
+            name = _tag_of(key)
+            if name is not None:
+                found.append((key, name))
+        found = _TAG_KEYS_OF[signature] = tuple(found)
+    return found
 
 
 def extract_tags(*sources: Any) -> dict:
@@ -280,27 +338,26 @@ def extract_tags(*sources: Any) -> dict:
     """
     out: dict = {}
     for source in sources:
-        if not isinstance(source, dict):
+        if not isinstance(source, dict) or not source:
             continue
-        for key, value in source.items():
-            if not isinstance(key, str):
+        for key, name in _tag_keys(source):
+            if name in out:
                 continue
-            name = _TAG_NAMES.get(key.replace("_", "").replace("-", "").lower())
-            if name is None or name in out:
-                continue
+            value = source[key]
             if isinstance(value, list):
                 value = value[0] if value else None
-            if name == "step_index":
-                if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**9:
-                    out[name] = value
-                elif isinstance(value, str) and _DIGITS_RE.match(value.strip()):
-                    out[name] = int(value.strip())
-            else:
-                if isinstance(value, int) and not isinstance(value, bool):
-                    value = str(value)
-                text = as_str(value)
-                if text is not None:
+            if isinstance(value, str):
+                text = value.strip()
+                if name == "step_index":
+                    if len(text) <= 9 and text.isdecimal():  # what ^\d{1,9}$ matches (Unicode category Nd)
+                        out[name] = int(text)
+                elif text:
                     out[name] = text
+            elif isinstance(value, int) and not isinstance(value, bool):
+                if name != "step_index":
+                    out[name] = str(value)
+                elif 0 <= value < 10**9:
+                    out[name] = value
     return out
 
 
@@ -342,14 +399,15 @@ def make_event(
         "email": email,
         "provider": provider,
     }
-    for key in ("reason",):
-        if key in fields:
-            text = fields[key]
-            fields[key] = text if isinstance(text, str) and text.strip() else "unknown"
-    if "bounce_class" in fields and fields["bounce_class"] not in BOUNCE_CLASSES:
-        raise ValueError(fields["bounce_class"])
-    event.update(fields)
-    event.update(tags)
+    if fields:
+        if "reason" in fields:
+            text = fields["reason"]
+            fields["reason"] = text if isinstance(text, str) and text.strip() else "unknown"
+        if "bounce_class" in fields and fields["bounce_class"] not in BOUNCE_CLASSES:
+            raise ValueError(fields["bounce_class"])
+        event.update(fields)
+    if tags:
+        event.update(tags)
     return event
 
 

@@ -65,6 +65,7 @@ _SIMPLE = {
     "group_resubscribe": "message.resubscribed",
 }
 _TS_RE = re.compile(r"^\d{1,12}$")
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
 @functools.lru_cache(maxsize=8)
@@ -99,7 +100,7 @@ def verify(headers: dict[str, str], body: bytes, config: WebhookConfig, now: flo
     check_age(NAME, float(timestamp), now, config.max_age_seconds, config.max_age_seconds)
     try:
         der = base64.b64decode(signature, validate=True)
-        key.verify(der, timestamp.encode() + body, ec.ECDSA(hashes.SHA256()))
+        key.verify(der, timestamp.encode() + body, _ECDSA_SHA256)
     except (binascii.Error, ValueError, InvalidSignature):
         raise WebhookError(403, "bad_signature", "sendgrid webhook signature does not verify") from None
 
@@ -146,33 +147,28 @@ def bounce_class(item: dict) -> str:
 
 
 def normalize(item: dict) -> dict:
-    kind = as_str(item.get("event"))
+    get = item.get
+    kind = as_str(get("event"))
     if kind is None:
         raise Unmapped("malformed_event: no event type")
     kind = kind.lower()
-    event_id = as_str(item.get("sg_event_id"))
-    id_part = event_id if event_id else "h:" + stable_hash(item)
-    common = dict(
-        id_part=id_part,
-        occurred_at=epoch_to_rfc3339(item.get("timestamp")),
-        message_id=message_id(item.get("sg_message_id")),
-        email=clean_email(item.get("email")),
-        tags=extract_tags(item),
-    )
-    if kind in _SIMPLE:
-        return make_event(NAME, _SIMPLE[kind], **common)
+    event_id = as_str(get("sg_event_id"))
+    common = (event_id if event_id else "h:" + stable_hash(item), epoch_to_rfc3339(get("timestamp")),
+              message_id(get("sg_message_id")), clean_email(get("email")), extract_tags(item))
+    simple = _SIMPLE.get(kind)
+    if simple is not None:
+        return make_event(NAME, simple, *common)
     if kind == "deferred":
-        return make_event(NAME, "message.deferred", **common,
-                          reason=join_reason(item.get("response") or item.get("reason")))
+        return make_event(NAME, "message.deferred", *common, reason=join_reason(get("response") or get("reason")))
     if kind == "bounce":
-        classification = as_str(item.get("bounce_classification"))
-        return make_event(NAME, "message.bounced", **common, bounce_class=bounce_class(item),
-                          reason=join_reason(classification, item.get("reason") or item.get("status")))
+        classification = as_str(get("bounce_classification"))
+        return make_event(NAME, "message.bounced", *common, bounce_class=bounce_class(item),
+                          reason=join_reason(classification, get("reason") or get("status")))
     if kind == "dropped":
-        return make_event(NAME, "message.dropped", **common, reason=join_reason(item.get("reason")))
+        return make_event(NAME, "message.dropped", *common, reason=join_reason(get("reason")))
     if kind == "click":
-        url = as_str(item.get("url"))
+        url = as_str(get("url"))
         if url is None:
             raise Unmapped("malformed_event: click without url")
-        return make_event(NAME, "message.clicked", **common, url=url)
+        return make_event(NAME, "message.clicked", *common, url=url)
     raise Unmapped(f"unknown_event_type: {kind}")

@@ -251,3 +251,52 @@ def test_cluster_stops_when_owner_process_dies(tmp_path):
         owner.kill()
         owner.wait()
         run_kafka_script("stop", "--dir", str(state_dir), timeout=120, check=False)
+
+
+def test_batch_producer_reports_last_offsets_and_partitions_like_the_default_partitioner(kafka_bootstrap,
+                                                                                          topic_prefix):
+    """The state changelog markers rest on it: the offset reported per partition is its last record's."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    from agents.produce import BatchProducer
+
+    topic = f"{topic_prefix}batches"
+
+    async def run():
+        await create_topics_async(kafka_bootstrap, [topic], partitions=4)
+        # small batches: one send_all spans several batches per partition
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", max_batch_size=1024)
+        plain = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        await plain.start()
+        await consumer.start()
+        try:
+            batches = BatchProducer(producer)
+            records = [(topic, f"contact-{i}".encode(), b"x" * 100, None) for i in range(300)]
+            records += [(topic, b"pinned", f"{i}".encode(), 2) for i in range(7)]
+            first = await batches.send_all(records)
+            second = await batches.send_all(records)
+            ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(4)])
+            agree = []
+            for i in range(40):
+                meta = await (await plain.send(topic, b"v", key=f"contact-{i}".encode()))
+                agree.append(meta.partition == batches.partition_of(f"contact-{i}".encode(), 4))
+            consumer.assign([TopicPartition(topic, 2)])
+            await consumer.seek_to_beginning(TopicPartition(topic, 2))
+            pinned = []
+            deadline = time.monotonic() + 30
+            while len(pinned) < 14 and time.monotonic() < deadline:
+                for msgs in (await consumer.getmany(timeout_ms=2000)).values():
+                    pinned += [m.value for m in msgs if m.key == b"pinned"]
+            return first, second, ends, agree, pinned
+        finally:
+            await consumer.stop()
+            await plain.stop()
+            await producer.stop()
+
+    first, second, ends, agree, pinned = asyncio.run(run())
+    assert sum(o + 1 for o in first.values()) == 307
+    assert {p: o + 1 for (_, p), o in second.items()} == {tp.partition: end for tp, end in ends.items() if end}
+    assert all(agree)
+    assert pinned == [f"{i}".encode() for i in range(7)] * 2  # order kept within a partition

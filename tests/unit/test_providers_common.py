@@ -1,5 +1,7 @@
 import ast
 import json
+import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import streams.providers as providers
 from streams.providers import PROVIDERS, WebhookConfig, WebhookError, handle
 from streams.providers.common import (
-    epoch_to_rfc3339, extract_tags, iso_to_rfc3339, normalize_headers, strip_angle, clean_email,
+    epoch_to_rfc3339, extract_tags, format_dt, iso_to_rfc3339, normalize_headers, strip_angle, clean_email,
 )
 from tests.unit.provider_helpers import (
     NOW, config, fixture, mailgun_body, postmark_headers, sendgrid_sign, sns_headers, sns_notification,
@@ -65,6 +67,69 @@ def test_tag_helpers():
     assert extract_tags(None, "x", [1]) == {}
     assert strip_angle("<a@b>") == "a@b" and strip_angle("a@b") == "a@b"
     assert clean_email('"Al" <al@example.com>') == "al@example.com" and clean_email(5) is None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.integers(1, 253402300799),
+                 st.floats(min_value=0, max_value=253402300799.99, exclude_min=True, allow_nan=False),
+                 st.floats(min_value=1.6e9, max_value=1.9e9)))
+def test_epoch_to_rfc3339_is_format_dt_of_the_instant_rounded_to_the_microsecond(value):
+    instant = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=round(float(value) * 1_000_000))
+    assert epoch_to_rfc3339(value) == format_dt(instant)
+    assert epoch_to_rfc3339(str(value)) == format_dt(instant)
+
+
+def _tags_reference(*sources):
+    """extract_tags written plainly (no caches): every key of every source, in order."""
+    names = {"automationid": "automation_id", "contactid": "contact_id", "stepindex": "step_index"}
+    out = {}
+    for source in sources:
+        if not isinstance(source, dict):
+            continue
+        for key, value in source.items():
+            if not isinstance(key, str):
+                continue
+            name = names.get(key.replace("_", "").replace("-", "").lower())
+            if name is None or name in out:
+                continue
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if name == "step_index":
+                if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**9:
+                    out[name] = value
+                elif isinstance(value, str) and re.match(r"^\d{1,9}$", value.strip()):
+                    out[name] = int(value.strip())
+            elif isinstance(value, int) and not isinstance(value, bool):
+                out[name] = str(value)
+            elif isinstance(value, str) and value.strip():
+                out[name] = value.strip()
+    return out
+
+
+_TAG_KEYS = st.sampled_from(["automation_id", "automationId", "AUTOMATION-ID", "contact_id", "contactId",
+                             "step_index", "stepIndex", "Step-Index", "email", "event", "_contact_id_", "x"])
+_TAG_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 2 * 10**9), st.floats(allow_nan=False),
+                        st.sampled_from(["", " ", "a", " b ", "12", " 7 ", "1a", "-1", "1234567890", "١٢", "²"]),
+                        st.lists(st.sampled_from(["x", "3", " "]), max_size=2))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(st.dictionaries(_TAG_KEYS, _TAG_VALUES, max_size=8), st.none(), st.just([1])),
+                max_size=3))
+def test_extract_tags_matches_the_plain_definition(sources):
+    # run twice: the second call answers from the caches of key sets
+    assert extract_tags(*sources) == _tags_reference(*sources)
+    assert list(extract_tags(*sources).items()) == list(_tags_reference(*sources).items())
+
+
+def test_tags_of_a_cached_key_set_come_from_each_event():
+    for i in range(3):
+        assert extract_tags({"event": "x", "automation_id": f"a{i}", "automationId": "b", "step_index": str(i)}) == \
+            {"automation_id": f"a{i}", "step_index": i}
+    assert extract_tags({"automation_id": " ", "automationId": "b"}) == {"automation_id": "b"}
+    assert extract_tags({"step_index": "١٢"}) == {"step_index": 12} and extract_tags({"step_index": "²"}) == {}
+    assert extract_tags({"contact_id": 42}, {"contact_id": "later"}) == {"contact_id": "42"}
+    assert extract_tags({1: "x", "contact_id": "c"}) == {"contact_id": "c"}
 
 
 def test_headers_are_normalized():

@@ -10,27 +10,26 @@ from agents.state import MARKER_KEY, PartitionStore, StateTables, changelog_topi
 
 
 class FakeProducer:
-    """Records sends; ``fail_topic`` makes every send to that topic fail at acknowledgement."""
+    """A BatchProducer stand-in: records sends, assigns offsets per partition; sends to ``fail_topic`` fail."""
 
     def __init__(self, fail_topic: str | None = None) -> None:
         self.sent: list[tuple[str, int, bytes, bytes | None]] = []
         self.offsets: dict[tuple[str, int], int] = {}
         self.fail_topic = fail_topic
-        self.flushed = 0
+        self.calls = 0
 
-    async def send(self, topic, value=None, key=None, partition=None):
-        fut = asyncio.get_running_loop().create_future()
-        if topic == self.fail_topic:
-            fut.set_exception(ConnectionError("broker gone"))
-            return fut
-        offset = self.offsets.get((topic, partition), 0)
-        self.offsets[(topic, partition)] = offset + 1
-        self.sent.append((topic, partition, key, value))
-        fut.set_result(SimpleNamespace(offset=offset))
-        return fut
-
-    async def flush(self):
-        self.flushed += 1
+    async def send_all(self, records):
+        self.calls += 1
+        records = list(records)
+        if any(topic == self.fail_topic for topic, _, _, _ in records):
+            raise ConnectionError("broker gone")
+        last = {}
+        for topic, key, value, partition in records:
+            offset = self.offsets.get((topic, partition), 0)
+            self.offsets[(topic, partition)] = offset + 1
+            self.sent.append((topic, partition, key, value))
+            last[(topic, partition)] = offset
+        return last
 
 
 def test_store_writes_values_deletes_and_marker_together(tmp_path):
@@ -62,7 +61,7 @@ def test_commit_sends_each_staged_key_to_its_changelog_partition_then_applies_lo
     topic = changelog_topic("g", "enrollments")
     assert topic == "g-enrollments-changelog"
     assert (topic, 2, b"k1", b"v2") in producer.sent and (topic, 2, b"k2", None) in producer.sent
-    assert producer.flushed == 1
+    assert producer.calls == 1
     assert tables.get("enrollments", 2, b"k1") == b"v2"
     assert tables.store("enrollments", 2).marker == 1  # offset of the last record of that partition
     assert tables.store("messages", 0).marker == 0
