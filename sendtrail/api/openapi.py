@@ -91,11 +91,20 @@ SCHEMAS: dict[str, Any] = {
             "message_ids": {"type": "array", "items": _t(S)}})},
         "duplicate_sends_total": _t(I),
     }, ["stuck", "duplicate_sends"]),
-    "StaticListCreate": obj({
-        "name": {"type": S, "minLength": 1, "maxLength": 200}, "automation_id": _t(S),
-        "step_index": {"type": I, "minimum": 0}, "state": {"type": S, "enum": list(NODE_STATES)},
-        "status": {"type": S, "enum": list(CONTACT_STATUSES)},
-    }, ["name", "automation_id"], extra=False),
+    "StaticListCreate": {
+        **obj({
+            "name": {"type": S, "minLength": 1, "maxLength": 200, "pattern": "\\S",
+                     "description": "not blank"},
+            "automation_id": {"type": S, "minLength": 1},
+            "step_index": {"type": [I, "null"], "minimum": 0, "maximum": 100_000},
+            "state": {"type": [S, "null"], "enum": [*NODE_STATES, None],
+                      "description": "needs step_index (the node whose contacts are taken)"},
+            "status": {"type": [S, "null"], "enum": [*CONTACT_STATUSES, None]},
+        }, ["name", "automation_id"], extra=False),
+        "dependentSchemas": {"state": {"anyOf": [{"properties": {"state": {"type": "null"}}},
+                                                 {"required": ["step_index"],
+                                                  "properties": {"step_index": {"type": I}}}]}},
+    },
     "StaticList": obj({"id": _t(S), "name": _t(S), "automation_id": _t(S), "step_index": IN_, "state": SN,
                        "status": SN, "count": _t(I), "created_at": T},
                       ["id", "name", "count", "created_at"]),
@@ -150,6 +159,19 @@ SCHEMAS["ContactAutomationPage"] = obj({"contact": {"oneOf": [ref("Contact"), {"
 SCHEMAS["StatusChangePage"] = page_of("StatusChange")
 
 
+# What the handlers accept (sendtrail.api.routes.Params): free text up to 200 characters without control
+# characters; integers within the ranges below; an empty value is the same as no value.
+NO_CONTROL = "^[^\\x00-\\x1f]*$"
+TEXT = {"type": S, "maxLength": 200, "pattern": NO_CONTROL}
+STEP_Q = {"type": I, "minimum": 0, "maximum": 100_000}
+RUN_Q = {"type": I, "minimum": 0, "maximum": 2**31 - 1}
+# RFC 3339 date-time or a date (YYYY-MM-DD); without an offset the time is UTC
+# (years 1970-2299, the range of ClickHouse's DateTime64 that the handlers accept)
+YEARS = "^(19[7-9][0-9]|2[0-2][0-9][0-9])-"
+PERIOD_BOUND = {"type": S, "anyOf": [{"format": "date-time", "pattern": YEARS}, {"format": "date", "pattern": YEARS},
+                                     {"maxLength": 0}]}
+
+
 def q(name: str, schema: dict, description: str, required: bool = False) -> dict:
     return {"name": name, "in": "query", "required": required, "description": description, "schema": schema}
 
@@ -160,13 +182,13 @@ def path_param(name: str, description: str, schema: dict | None = None) -> dict:
 
 
 LIMIT = q("limit", {"type": I, "minimum": 1, "maximum": 1000, "default": 50}, "page size")
-OFFSET = q("offset", {"type": I, "minimum": 0, "default": 0}, "rows to skip")
+OFFSET = q("offset", {"type": I, "minimum": 0, "maximum": 100_000_000, "default": 0}, "rows to skip")
 ORDER = q("order", {"type": S, "enum": ["asc", "desc"], "default": "desc"}, "sort direction")
-FROM = q("from", {"type": S, "format": "date-time"},
+FROM = q("from", PERIOD_BOUND,
          "period start, inclusive (RFC 3339 or YYYY-MM-DD; no offset = UTC)")
-TO = q("to", {"type": S, "format": "date-time"}, "period end, exclusive")
+TO = q("to", PERIOD_BOUND, "period end, exclusive (later than from)")
 ID = path_param("id", "automation id")
-STEP = path_param("step_index", "node (step) index, 0 = first", {"type": I, "minimum": 0})
+STEP = path_param("step_index", "node (step) index, 0 = first", STEP_Q)
 CONTACT = path_param("contact_id", "contact id")
 
 
@@ -223,18 +245,18 @@ PATHS: dict[str, Any] = {
     "/api/v1/automations": get(
         "Automations", paging(AUTOMATION_SORTS, "updated_at") + [
             q("status", {"type": S, "enum": list(AUTOMATION_STATUSES)}, "lifecycle status"),
-            q("q", {"type": S, "maxLength": 200}, "name contains (case-insensitive)")],
+            q("q", TEXT, "name contains (case-insensitive)")],
         json_ok("AutomationPage"), not_found=False),
     "/api/v1/automations/{id}": get("Automation properties and totals", [ID], json_ok("AutomationDetail")),
     "/api/v1/automations/{id}/recipients": get(
         "Recipients page: one row per step sent", [ID] + paging(RECIPIENT_SORTS, "sent_time") + [
-            q("step", {"type": I, "minimum": 0}, "only this step index"),
-            q("contact_id", {"type": S}, "only this contact (did the contact receive step k? when?)"),
-            q("q", {"type": S, "maxLength": 200}, "e-mail or user name contains"),
+            q("step", STEP_Q, "only this step index"),
+            q("contact_id", TEXT, "only this contact (did the contact receive step k? when?)"),
+            q("q", TEXT, "e-mail or user name contains"),
             FROM, TO], json_ok("RecipientPage")),
     "/api/v1/automations/{id}/recipients/export": get(
         "Export every recipient row as a ZIP holding one CSV",
-        [ID, q("step", {"type": I, "minimum": 0}, "only this step"), q("contact_id", {"type": S}, "only this contact"),
+        [ID, q("step", STEP_Q, "only this step"), q("contact_id", TEXT, "only this contact"),
          FROM, TO],
         {"description": "automation_recipients_<automation_name>_<YYYYMMDD_HHMMSS>.zip (UTC), streamed",
          "headers": {"Content-Disposition": {"schema": {"type": S}}},
@@ -255,12 +277,12 @@ PATHS: dict[str, Any] = {
     "/api/v1/automations/{id}/contacts": get(
         "Contacts in the automation with their status", [ID] + paging(CONTACT_SORTS, "updated_at") + [
             q("status", {"type": S, "enum": list(CONTACT_STATUSES)}, "only this status"),
-            q("q", {"type": S, "maxLength": 200}, "name or e-mail contains, or the contact id"),
-            q("run", {"type": I, "minimum": 0}, "only this run")], json_ok("AutomationContactPage")),
+            q("q", TEXT, "name or e-mail contains, or the contact id"),
+            q("run", RUN_Q, "only this run")], json_ok("AutomationContactPage")),
     "/api/v1/automations/{id}/contacts.csv": get(
         "Contacts in the automation (CSV)", [ID, sort(CONTACT_SORTS, "updated_at"), ORDER,
                                              q("status", {"type": S, "enum": list(CONTACT_STATUSES)}, "status"),
-                                             q("q", {"type": S}, "search"), q("run", {"type": I}, "run")],
+                                             q("q", TEXT, "search"), q("run", RUN_Q, "run")],
         csv_ok("Contact ID, Run, Name, Email, Status, Reason, Current Step, Enrolled At, Status At, Updated At")),
     "/api/v1/automations/{id}/nodes/{step_index}/contacts": get(
         "Contacts at a node with their state and the reason", [ID, STEP] + paging(NODE_CONTACT_SORTS, "at") + [
@@ -272,15 +294,15 @@ PATHS: dict[str, Any] = {
         csv_ok("Contact ID, Run, Name, Email, State, State At, Status, Reason, Current Step, Updated At")),
     "/api/v1/automations/{id}/health": get(
         "Campaign health: contacts stuck at a node, duplicate sends",
-        [ID, q("older_than", {"type": I, "minimum": 0}, "seconds waiting that count as stuck "
-                                                       "(default SENDTRAIL stuck_after_seconds, 7 days)"),
+        [ID, q("older_than", {"type": I, "minimum": 0, "maximum": 100 * 365 * 86400},
+               "seconds waiting that count as stuck (default SENDTRAIL stuck_after_seconds, 7 days)"),
          LIMIT, OFFSET], json_ok("Health")),
     "/api/v1/static-lists": {
         "post": {"summary": "Freeze the matching contacts into a static list", "tags": ["reports"],
                  "requestBody": {"required": True,
                                  "content": {"application/json": {"schema": ref("StaticListCreate")}}},
                  "responses": {"201": json_ok("StaticList", "created"), **ERRORS, **NOT_FOUND}},
-        **get("Static lists", paging(STATIC_LIST_SORTS, "created_at") + [q("automation_id", {"type": S}, "of")],
+        **get("Static lists", paging(STATIC_LIST_SORTS, "created_at") + [q("automation_id", TEXT, "of")],
               json_ok("StaticListPage"), not_found=False),
     },
     "/api/v1/static-lists/{id}": get("A static list and its members",
@@ -290,13 +312,13 @@ PATHS: dict[str, Any] = {
                                          csv_ok("Contact ID, Name, Email")),
     "/api/v1/mailings": get(
         "Mail analytics: one row per mailing (automation step)", paging(MAILING_SORTS, "date") + [
-            q("automation_id", {"type": S}, "only this automation"), q("step", {"type": I, "minimum": 0}, "step"),
-            q("q", {"type": S, "maxLength": 200}, "subject contains"),
+            q("automation_id", TEXT, "only this automation"), q("step", STEP_Q, "step"),
+            q("q", TEXT, "subject contains"),
             FROM, TO], json_ok("MailingPage"), not_found=False,
         description="from/to select mailings by their date (first send)."),
     "/api/v1/mailings.csv": get(
-        "Mail analytics (CSV)", [sort(MAILING_SORTS, "date"), ORDER, q("automation_id", {"type": S}, "automation"),
-                                 q("step", {"type": I}, "step"), q("q", {"type": S}, "subject contains"), FROM, TO],
+        "Mail analytics (CSV)", [sort(MAILING_SORTS, "date"), ORDER, q("automation_id", TEXT, "automation"),
+                                 q("step", STEP_Q, "step"), q("q", TEXT, "subject contains"), FROM, TO],
         csv_ok("Mailing ID, Automation ID, Step Index, Subject, Sending User, Sending Email, Status, Date, "
                "Total Sent, Delivered, Opened, Clicked, Bounced, Dropped, Deferred, Spam Reports, Unsubscribed"),
         not_found=False),
@@ -305,7 +327,7 @@ PATHS: dict[str, Any] = {
         "A mailing's recipients with their message status and its time",
         [path_param("id", "mailing id")] + paging(MAILING_RECIPIENT_SORTS, "date") + [
             q("status", {"type": S, "enum": list(MESSAGE_STATUSES)}, "only this status"),
-            q("q", {"type": S, "maxLength": 200}, "name or e-mail contains")],
+            q("q", TEXT, "name or e-mail contains")],
         json_ok("MailingRecipientPage"),
         description="sort=status orders by severity (dropped > bounced > ... > sent); date = status_at."),
     "/api/v1/contacts/{contact_id}/automations": get(
@@ -315,11 +337,11 @@ PATHS: dict[str, Any] = {
         "Every status change of the contact, newest first", [CONTACT] + paging(
             {"occurred_at": "occurred_at"}, "occurred_at") + [
             q("kind", {"type": S, "enum": list(TIMELINE_KINDS)}, "only this kind"),
-            q("automation_id", {"type": S}, "only this automation")], json_ok("StatusChangePage")),
+            q("automation_id", TEXT, "only this automation")], json_ok("StatusChangePage")),
     "/api/v1/contacts/{contact_id}/messages": get(
         "Every message sent to the contact, with its status", [CONTACT] + paging(MESSAGE_SORTS, "sent_at") + [
             q("status", {"type": S, "enum": list(MESSAGE_STATUSES)}, "only this status"),
-            q("automation_id", {"type": S}, "only this automation")], json_ok("ContactMessagePage")),
+            q("automation_id", TEXT, "only this automation")], json_ok("ContactMessagePage")),
     # --- the web app's routes (sendtrail/web.py)
     "/healthz": get("Liveness", [], json_ok("Status"), not_found=False, tag="operations"),
     "/readyz": {"get": {"summary": "Readiness (503 with reasons when not ready)", "tags": ["operations"],
@@ -346,6 +368,12 @@ PATHS: dict[str, Any] = {
                       "404": {"description": "unknown provider"},
                       "503": {"description": "the provider's secret is not configured"}}}},
 }
+
+# Paths that answer without the bearer token (sendtrail.web.OPEN_PATHS)
+for _path in ("/api/v1/openapi.json", "/healthz", "/readyz", "/webhooks/{provider}"):
+    for _op in PATHS[_path].values():
+        _op["security"] = []
+PATHS["/metrics"]["get"]["responses"]["401"] = ERRORS["401"]
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",

@@ -41,6 +41,8 @@ def validate_create(body: Any) -> dict[str, Any]:
     if not isinstance(automation_id, str) or not automation_id:
         raise BadRequest("automation_id is required: a string")
     step_index = body.get("step_index")
+    if isinstance(step_index, float) and step_index.is_integer():
+        step_index = int(step_index)  # JSON has one number type: 3.0 is the integer 3
     if step_index is not None and (not isinstance(step_index, int) or isinstance(step_index, bool)
                                    or not 0 <= step_index <= 100_000):
         raise BadRequest("step_index must be an integer from 0")

@@ -81,7 +81,7 @@ def env(tmp_path_factory):
     now = lambda: F.NOW.replace(tzinfo=dt.timezone.utc).timestamp()  # noqa: E731
     api = Api(make_deps_for_client(main, DB, client_factory=factory(DB), now=now))
     lists_api = Api(make_deps_for_client(lists, LISTS_DB, client_factory=factory(LISTS_DB), now=now))
-    yield {"api": api, "lists_api": lists_api, "lists_client": lists}
+    yield {"api": api, "lists_api": lists_api, "lists_client": lists, "path": str(path)}
     api.close()
     lists_api.close()
     for c in clients:
@@ -419,6 +419,55 @@ def test_health(api):
     assert api.get(f"{A1}/health", {"older_than": str(400 * 86400)})["stuck_total"] == 0
 
 
+def test_duplicate_sends_across_parts_replays_and_merges(env):
+    """Health's duplicate sends come from send_index (migration 007): a second send of a step in a
+    later insert (another part) is found before any merge, a replayed send is no duplicate, and
+    both still hold once the parts are merged."""
+    from sendtrail.clickhouse import insert
+
+    db = "api_dups"
+    client = F.open_database(env["path"], db)
+    try:
+        F.load_dataset(client, db)
+        now = lambda: F.NOW.replace(tzinfo=dt.timezone.utc).timestamp()  # noqa: E731
+        api = Api(make_deps_for_client(client, db, now=now))
+        try:
+            def dups():
+                body = api.get(f"{A1}/health")
+                assert body["duplicate_sends_total"] == len(body["duplicate_sends"])
+                return [(d["contact_id"], d["run"], d["step_index"], d["message_ids"])
+                        for d in body["duplicate_sends"]]
+
+            expected = [tuple(x) for x in F.EXPECTED["a1_duplicates"]]
+            assert dups() == expected
+            row = client.query(
+                "SELECT * FROM recipients FINAL WHERE automation_id = 'a1' AND contact_id = 'c03' AND step_index = 1"
+            ).named_results()
+            first = next(iter(row))
+            # a replay of c03's step-1 send (identical row, its own insert): no duplicate
+            insert(client, "recipients", [first], dedup_token="replay-c03", database=db)
+            assert dups() == expected
+            # a second message for the same step, in a later insert: a duplicate before any merge
+            second = dict(first, message_id="m-a1-c03-r0-s1-again", recipient_id="r-again")
+            insert(client, "recipients", [second], dedup_token="second-c03", database=db)
+            both = sorted([first["message_id"], "m-a1-c03-r0-s1-again"])
+            assert dups() == sorted(expected + [("c03", 0, 1, both)])
+            page = api.get(f"{A1}/health", {"limit": "1", "offset": "1"})
+            assert page["duplicate_sends_total"] == 2 and len(page["duplicate_sends"]) == 1
+            client.command(f"OPTIMIZE TABLE {db}.send_index FINAL")
+            client.command(f"OPTIMIZE TABLE {db}.recipients FINAL")
+            assert dups() == sorted(expected + [("c03", 0, 1, both)])
+            # a later single send elsewhere: a new small part next to the merged one changes nothing
+            other = dict(first, contact_id="c09", step_index=2, message_id="m-a1-c09-r0-s2-0", recipient_id="r-c09")
+            insert(client, "recipients", [other], dedup_token="replay-c09", database=db)
+            assert dups() == sorted(expected + [("c03", 0, 1, both)])
+        finally:
+            api.close()
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {db}")
+        client.close()
+
+
 # ------------------------------------------------------------------ mailings
 
 def test_mailings_table(api):
@@ -703,3 +752,17 @@ def test_mailings_cover_email_only(env):
     after = api.get("/api/v1/mailings")
     assert after == before
     assert "a2:1" not in [m["mailing_id"] for m in after["items"]]
+    # a mailing id shared by a LinkedIn message and by another automation's message: the e-mails of
+    # the selected automation only are counted (a mailing with several kinds of messages is filtered)
+    shared = [dict(row, message_id="li-2", mailing_id="a1:0", automation_id="a1", step_index=0),
+              dict(row, message_id="other-1", mailing_id="a1:0", automation_id="a2", step_index=0, channel="email",
+                   delivered_at=F.NOW)]
+    insert(client, "messages", shared, dedup_token="shared-mailing-rows", database=LISTS_DB)
+    a10 = next(m for m in before["items"] if m["mailing_id"] == "a1:0")
+    mixed = {m["mailing_id"]: m for m in api.get("/api/v1/mailings")["items"]}
+    assert mixed["a1:0"]["total_sent"] == a10["total_sent"] + 1  # the other automation's e-mail
+    assert mixed["a1:0"]["delivered"] == a10["delivered"] + 1
+    of_a1 = {m["mailing_id"]: m for m in api.get("/api/v1/mailings", {"automation_id": "a1"})["items"]}
+    assert {k: of_a1["a1:0"][k] for k in F.EXPECTED["mailings"]["a1:0"]} == F.EXPECTED["mailings"]["a1:0"]
+    by_sent = api.get("/api/v1/mailings", {"automation_id": "a1", "sort": "total_sent", "order": "desc"})["items"]
+    assert (by_sent[0]["mailing_id"], by_sent[0]["total_sent"]) == ("a1:0", F.EXPECTED["mailings"]["a1:0"]["total_sent"])
