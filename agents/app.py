@@ -20,9 +20,11 @@ merge; rows are ReplacingMergeTree with stable keys and versions).
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -66,6 +68,7 @@ class Batch:
     rows: dict = field(default_factory=dict)
     replica_writes: dict = field(default_factory=dict)  # (partition, automation_id) -> replica
     events: list = field(default_factory=list)  # the records of the batch, for the latency metric
+    replay_until: dict = field(default_factory=dict)  # TopicPartition -> first offset not replayed
     state_writers: list = field(default_factory=list)  # run after the effects are durable
 
 
@@ -106,9 +109,15 @@ class Pipeline:
 
     # ---- a batch ------------------------------------------------------------------------------
 
-    async def process(self, fetched: dict[Any, list]) -> None:
-        """Apply one fetched batch: effects durable first, then the state staged in ``self.tables``."""
-        ctx = Batch()
+    async def process(self, fetched: dict[Any, list], replay_until: dict | None = None) -> None:
+        """Apply one fetched batch: effects durable first, then the state staged in ``self.tables``.
+
+        ``replay_until`` (topic partition -> offset): records below it may have had their effects
+        emitted before, by a run that crashed or a batch that failed, without their state being
+        committed. The keys they touch re-emit all their rows (``steps.*_snapshot``), so rows of
+        the earlier attempt cannot outrank the replay's.
+        """
+        ctx = Batch(replay_until=replay_until or {})
         by_kind: dict[str, list] = {"contact": [], "message": [], "automation": []}
         for tp, records in fetched.items():
             kind = self.kind_of_topic.get(tp.topic)
@@ -125,6 +134,13 @@ class Pipeline:
         await self._finish_batch(ctx)
         for write_state in ctx.state_writers:
             write_state()
+
+    @staticmethod
+    def _replayed(ctx: "Batch", rec: Any) -> bool:
+        if not ctx.replay_until:
+            return False
+        until = ctx.replay_until.get((rec.topic, rec.partition))  # TopicPartition is a (topic, partition) tuple
+        return until is not None and rec.offset < until
 
     async def send_ticks(self, assignment: Iterable[Any], now_ms: int) -> None:
         """One auto-resume tick per assigned contacts partition (through the partition's own topic,
@@ -189,7 +205,14 @@ class Pipeline:
         is None, as every producer of the contract topics does. Raises if any send failed, so
         the batch is retried instead of committed.
         """
-        await self.producer.send_all(sends)
+        if sends:
+            await self.producer.send_all(sends)
+
+    async def _write_rows(self, rows: dict[str, list]) -> None:
+        if rows:
+            for table_name, table_rows in rows.items():
+                await self.sink.write(table_name, table_rows, content_token(table_name, table_rows))
+            await self.sink.flush()
 
     async def _finish_batch(self, ctx: "Batch") -> None:
         """Make the batch's effects durable: Kafka outputs acknowledged and ClickHouse rows written.
@@ -199,13 +222,8 @@ class Pipeline:
         the effects already durable. Committing the state first would lose effects: the
         replay would see "already applied" and emit nothing.
         """
-        if ctx.sends:
-            await self._send_all(ctx.sends)
-        pending_rows = ctx.rows
-        if pending_rows:
-            for table_name, table_rows in pending_rows.items():
-                await self.sink.write(table_name, table_rows, content_token(table_name, table_rows))
-            await self.sink.flush()
+        # The two are independent: Kafka acknowledges while ClickHouse inserts. Both must succeed.
+        await asyncio.gather(self._send_all(ctx.sends), self._write_rows(ctx.rows))
         now_ms = time.time() * 1000.0
         observe = self.metrics.observe_latency
         for rec in ctx.events:
@@ -234,6 +252,8 @@ class Pipeline:
         parked: dict[bytes, list | None] = {}
         ignored: dict[bytes, int] = {}  # ignored re-enrollments per key, for the counter
         replicas: dict[tuple[int, str], dict | None] = {}
+        replayed: dict[bytes, int] = {}  # keys touched by replayed records -> partition
+        in_replay = False
         tables = self.tables
 
         def load(partition: int, key: bytes) -> tuple[dict | None, list | None]:
@@ -257,11 +277,14 @@ class Pipeline:
             s_dirty = res.state_changed or (old[3] if old else False)
             p_dirty = res.parked_changed or (old[4] if old else False)
             dirty[key] = (partition, res.state, res.parked, s_dirty, p_dirty)
+            if in_replay:
+                replayed[key] = partition
             self._queue_output(ctx, res.output)
 
         contract_name = self.contract_name
         for rec in records:
             partition = rec.partition
+            in_replay = self._replayed(ctx, rec)
             contract = contract_name[rec.topic]
             if contract == "internal.to-contacts":
                 internal = orjson.loads(rec.value)
@@ -282,6 +305,15 @@ class Pipeline:
             defn = engine_automation(self._replica(partition, ev["automation_id"], replicas))
             res = steps.contact_step(state, park, ev, defn, partition, rec.offset, now_ms)
             store(partition, key, res)
+        for key, partition in replayed.items():
+            state = states.get(key)
+            if state is None:
+                continue
+            aid = key.split(SEP.encode(), 1)[0].decode()
+            self._queue_output(ctx, steps.contact_snapshot(state, engine_automation(
+                self._replica(partition, aid, replicas))))
+            entry = dirty[key]
+            dirty[key] = (entry[0], state, entry[2], True, entry[4])
 
         def write_state() -> None:
             self._stage_contacts(dirty)
@@ -366,10 +398,12 @@ class Pipeline:
     def process_messages(self, ctx: "Batch", records: list[Any]) -> None:
         states: dict[bytes, dict | None] = {}
         dirty: dict[bytes, int] = {}  # key -> partition
+        replayed: set[bytes] = set()
         tables = self.tables
         contract_name = self.contract_name
         for rec in records:
             partition = rec.partition
+            in_replay = self._replayed(ctx, rec)
             contract = contract_name[rec.topic]
             if contract == "internal.to-messages":
                 ev = orjson.loads(rec.value)
@@ -383,13 +417,19 @@ class Pipeline:
                 states[key] = orjson.loads(raw) if raw else None
             res = steps.message_step(states[key], ev, partition, rec.offset)
             states[key] = res.state
-            if res.changed:
+            if res.changed or in_replay:
                 dirty[key] = partition
+            if in_replay:
+                replayed.add(key)
             self._queue_output(ctx, res.output)
+        for key in replayed:
+            if states.get(key) is not None:
+                self._queue_output(ctx, steps.message_snapshot(states[key]))
 
         def write_state() -> None:
             for key, partition in dirty.items():
-                tables.put("messages", partition, key, _dumps(states[key]))
+                if states[key] is not None:
+                    tables.put("messages", partition, key, _dumps(states[key]))
 
         ctx.state_writers.append(write_state)
 
@@ -432,15 +472,24 @@ class Pipeline:
         ctx.state_writers.append(write_state)
 
 
+#: Salts insert tokens per process. ClickHouse records a token in its deduplication log before
+#: the inserted part is committed; a process killed in between leaves a token whose rows are not
+#: there, and a replay with identical rows and the same token would be dropped (rows lost; seen
+#: in the SIGKILL test). A fresh salt per process makes the replay insert them again; the
+#: tables are ReplacingMergeTree, so rows inserted twice fold into one.
+_TOKEN_SALT = os.urandom(8).hex()
+
+
 def content_token(table: str, rows: list[dict]) -> str:
-    """The insert deduplication token of a write: a hash of the rows themselves.
+    """The insert deduplication token of a write: a hash of the rows themselves (and the process salt).
 
     ClickHouse drops an insert whose token it has seen, whatever its rows, so the
     token must identify the content. Source offsets do not: a replayed batch can
     start and end at the same offsets and hold other events in between (batches mix
-    topics and partitions), and its rows would be silently dropped.
+    topics and partitions), and its rows would be silently dropped. Within a process the
+    token is stable, so the sink's retry of an insert whose answer was lost is dropped.
     """
-    return f"{table}:{hashlib.blake2b(orjson.dumps(rows), digest_size=16).hexdigest()}"
+    return f"{table}:{_TOKEN_SALT}:{hashlib.blake2b(orjson.dumps(rows), digest_size=16).hexdigest()}"
 
 
 def engine_automation(replica: dict | None) -> dict | None:

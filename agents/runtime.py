@@ -74,6 +74,9 @@ class Runtime:
         self._stopping = asyncio.Event()
         self._ticker: asyncio.Task | None = None
         self.fatal: BaseException | None = None
+        self._commit_task: asyncio.Future | None = None
+        #: partition -> first offset whose effects surely were not emitted by an earlier attempt
+        self.replay_until: dict[TopicPartition, int] = {}
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -132,6 +135,7 @@ class Runtime:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
         async with self._lock:
+            await self._await_commit()
             if self.consumer is not None:
                 await self.consumer.stop()
             if self._changelog_reader is not None:
@@ -144,6 +148,7 @@ class Runtime:
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:  # the running batch ends and commits first
+            await self._await_commit()
             self.generation += 1
             self.assignment = set()
             for tp in revoked:
@@ -179,6 +184,12 @@ class Runtime:
                 except Exception:
                     log.exception("could not read the committed offset of %s", tp)
             self.committed = {tp: off for tp, off in committed.items() if off is not None}
+            # A member that crashed may have emitted the effects of up to two uncommitted batches
+            # (the one being committed and the next): their keys re-emit all rows on replay.
+            starts = await self.consumer.beginning_offsets([tp for tp in assigned if tp not in self.committed])
+            span = 2 * self.settings.batch_size
+            self.replay_until = {tp: (self.committed.get(tp) if tp in self.committed else starts[tp]) + span
+                                 for tp in assigned}
         self.metrics.rebalanced("assigned")
         log.info("assigned %d partitions: %s", len(assigned),
                  ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)))
@@ -225,20 +236,44 @@ class Runtime:
 
     async def _process(self, fetched: dict[TopicPartition, list]) -> None:
         began = time.perf_counter()
-        await self.pipeline.process(fetched)
+        replay = self.replay_until
+        if replay:
+            for tp in [tp for tp, until in replay.items() if self.committed.get(tp, -1) >= until]:
+                del replay[tp]  # past the replayed range
+        await self.pipeline.process(fetched, {tp: replay[tp] for tp in fetched if tp in replay})
         written = await self.tables.commit(self.pipeline.producer)
         if written:
             self.metrics.changelog_written(written)
         offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items() if records}
-        await self.consumer.commit(offsets)
-        self.committed.update(offsets)
+        # The batch is durable: its offsets are committed while the next batch is processed
+        # (commits stay in order: the previous one is awaited first).
+        await self._await_commit()
+        self._commit_task = asyncio.ensure_future(self._commit(offsets))
         self.metrics.batch_done(time.perf_counter() - began)
 
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        await self.consumer.commit(offsets)
+        self.committed.update(offsets)
+
+    async def _await_commit(self) -> None:
+        """Wait for the last batch's commit; a failed commit is logged, a later one covers it."""
+        task, self._commit_task = self._commit_task, None
+        if task is None:
+            return
+        try:
+            await task
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("offset commit failed; the next batch's commit covers it", exc_info=True)
+
     async def _rewind(self, fetched: dict[TopicPartition, list]) -> None:
-        """Seek the failed batch's partitions back to their first record (not committed)."""
+        """Seek the failed batch's partitions back to their first record (not committed); the
+        batch may have emitted some of its effects, so its records count as replayed."""
         for tp, records in fetched.items():
             if records and tp in self.consumer.assignment():
                 self.consumer.seek(tp, records[0].offset)
+                self.replay_until[tp] = max(self.replay_until.get(tp, 0), records[-1].offset + 1)
 
     async def _tick_loop(self) -> None:
         """Ask every assigned contacts partition to auto-resume holds whose date has passed."""

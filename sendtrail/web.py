@@ -418,7 +418,10 @@ def build_web_app(deps: WebDeps) -> web.Application:
         except web.HTTPException as exc:
             status = exc.status
             if exc.status >= 400:
-                return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+                resp = _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+                if "Allow" in exc.headers:  # 405 names the methods that are (RFC 9110)
+                    resp.headers["Allow"] = exc.headers["Allow"]
+                return resp
             raise
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)

@@ -167,3 +167,54 @@ def message_step(state: dict | None, event: dict, partition: int, offset: int) -
     out.add_rows("status_changes", [rows.status_change_row(c) for c in res.changes])
     out.to_contacts.extend(res.outcomes)
     return MessageResult(res.state, res.changed, out)
+
+
+#: Added to a key's version when its rows are re-emitted after a crash or a failed batch
+#: (:func:`contact_snapshot`, :func:`message_snapshot`): larger than the version increments of
+#: the uncommitted batches that may have emitted rows before (one per applied event at most).
+SNAPSHOT_VERSION_BUMP = 1 << 32
+
+
+def contact_snapshot(state: dict, automation: dict | None) -> Output:
+    """Every row of an enrollment key, at a version above any it used before.
+
+    Why: rows are emitted per change with the key's version, and a batch's rows are written
+    before its state is committed. After a crash (or a failed batch) the replay can interleave
+    the same events of different topics otherwise (e.g. a lifecycle fan-out before or after the
+    contact's failure); the final state is the same (facts merge), but the intermediate changes
+    and their versions are not, so a row of the attempt that crashed can outrank the replay's
+    (tests/unit/test_steps.py shows one). Re-emitting the whole key above them settles it:
+    enrollment rows of every run, and a row for every node of every run (``none`` where the run
+    does not stand), at the key's bumped version (which the state keeps).
+    """
+    state["version"] = state.get("version", 0) + SNAPSHOT_VERSION_BUMP
+    out = Output()
+    views = enrollment.view(state, automation)
+    if not views:
+        return out
+    version = state["version"]
+    n_steps = len((automation or {}).get("steps") or ())
+    node_rows = []
+    for v in views:
+        at = v.get("status_at") or v.get("enrolled_at") or 0
+        out.add_rows("enrollments", [rows.enrollment_row(v, at)])
+        known = {n["step_index"]: n for n in v["nodes"]}
+        for index in range(max(n_steps, max(known, default=-1) + 1)):
+            node = known.get(index)
+            node_rows.append(rows.node_change_row({
+                "automation_id": v["automation_id"], "contact_id": v["contact_id"], "run": v["run"],
+                "step_index": index, "to": node["state"] if node else None,
+                "occurred_at": (node["at"] if node and node["at"] is not None else at),
+            }, version))
+    out.add_rows("node_states", node_rows)
+    return out
+
+
+def message_snapshot(state: dict) -> Output:
+    """The message's row at a version above any it used before (see :func:`contact_snapshot`)."""
+    state["version"] = state.get("version", 0) + SNAPSHOT_VERSION_BUMP
+    out = Output()
+    view = message.view(state)
+    if view is not None:
+        out.add_rows("messages", [rows.message_row(view, view.get("status_at") or 0)])
+    return out

@@ -14,8 +14,7 @@ is not refused (``positive_data_acceptance``), and requests without or with a
 wrong token get 401 (except on the open paths).
 
 Left out: ``POST /api/v1/events`` and the webhooks (mounted only with a Kafka
-publisher; ``test_webhooks_http`` covers them) and the ``unsupported_method``
-check (see ``EXCLUDED``). Runs are deterministic (hypothesis derandomized, no
+publisher; ``test_webhooks_http`` covers them). Runs are deterministic (hypothesis derandomized, no
 example database) and bounded by ``MAX_EXAMPLES`` per operation.
 """
 from __future__ import annotations
@@ -30,7 +29,7 @@ schemathesis = pytest.importorskip("schemathesis")
 
 from aiohttp import web  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
-from schemathesis.specs.openapi.checks import positive_data_acceptance, unsupported_method  # noqa: E402
+from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
 from sendtrail.api import make_deps_for_client  # noqa: E402
 from sendtrail.api.openapi import OPENAPI  # noqa: E402
@@ -126,9 +125,7 @@ def _schema():
 schema = _schema()
 
 
-# Left out: ``unsupported_method`` (RFC 9110 wants an ``Allow`` header on 405; the worker's error
-# middleware answers 405 with the JSON error but without it; see the report of issue #5).
-EXCLUDED = [unsupported_method]
+EXCLUDED: list = []
 
 
 def _inverted_period(case) -> bool:

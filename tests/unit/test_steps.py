@@ -108,3 +108,74 @@ def test_insert_tokens_identify_row_content():
     assert content_token("t", rows) != content_token("t", rows[:1])
     assert content_token("t", rows) != content_token("u", rows)
     assert content_token("t", rows) != content_token("t", [rows[0], {"a": 2, "b": "y"}])
+
+
+def _fold(*row_batches: dict) -> dict:
+    """ReplacingMergeTree(_version) in Python: per key the highest version wins; ``none`` nodes are skipped."""
+    keys = {"enrollments": ("automation_id", "contact_id", "run"),
+            "node_states": ("automation_id", "contact_id", "run", "step_index")}
+    best: dict = {}
+    for batch in row_batches:
+        for table, cols in keys.items():
+            for row in batch.get(table, ()):
+                k = (table,) + tuple(row[c] for c in cols)
+                if k not in best or row["_version"] >= best[k]["_version"]:
+                    best[k] = row
+    return {k: ((r["status"], r["reason"]) if k[0] == "enrollments" else r["state"])
+            for k, r in best.items() if not (k[0] == "node_states" and r["state"] == "none")}
+
+
+def _apply_all(state, events, automation):
+    out = steps.Output()
+    for ev in events:
+        res = steps.contact_step(state, None, ev, automation, 0, 0, T0 + 400 * 86_400_000)
+        state = res.state
+        for table, table_rows in res.output.rows.items():
+            out.add_rows(table, table_rows)
+    return state, out.rows
+
+
+def test_a_replay_snapshot_outranks_rows_of_the_attempt_that_crashed():
+    """The attempt that crashed applied a pause and a resume fan-out (internal topic) before the
+    contact's failure (enrollments topic) reached it; its rows were written, its state was not. The
+    replay sees the failure first: same final state, fewer changes, lower versions. Without the
+    snapshot the crashed attempt's 'in_progress' row wins in ClickHouse; with it, 'failed' does."""
+    import copy
+
+    automation = parsed("automation.published", steps=[
+        {"index": i, "name": f"S{i}", "kind": "email", "day": i} for i in range(5)])
+    lifecycle = [dict(parsed("automation.paused", event_id="p", occurred_at="2026-01-06T12:00:00Z"),
+                      automation_id="a1"),
+                 dict(parsed("automation.resumed", event_id="r", occurred_at="2026-01-07T00:00:00Z"),
+                      automation_id="a1")]
+    committed, committed_rows = _apply_all(None, [enrolled("2026-01-03T00:00:00Z")] + [
+        sent(i, f"m{i}", f"2026-01-0{4 + i}T00:00:00Z") for i in range(3)], automation)
+    failed = parsed("contact.failed", event_id="f", occurred_at="2026-01-08T00:00:00Z", reason="linkedin_error")
+    _, crashed_rows = _apply_all(copy.deepcopy(committed), lifecycle, automation)
+    final, replay_rows = _apply_all(copy.deepcopy(committed), [failed] + lifecycle, automation)
+    expected = ("failed", "linkedin_error")
+    assert [(v["status"], v["reason"]) for v in steps.enrollment.view(final, automation)] == [expected]
+    key = ("enrollments", "a1", "c1", 0)
+    assert _fold(committed_rows, crashed_rows, replay_rows)[key] != expected  # the stale row wins
+    snapshot = steps.contact_snapshot(final, automation)
+    folded = _fold(committed_rows, crashed_rows, replay_rows, snapshot.rows)
+    assert folded[key] == expected
+    assert folded[("node_states", "a1", "c1", 0, 3)] == "stopped"
+    assert {k[4] for k in folded if k[0] == "node_states"} == {0, 1, 2, 3}  # step 4 was never reached
+    assert final["version"] > max(r["_version"] for r in crashed_rows["enrollments"])
+
+
+def test_a_message_snapshot_outranks_every_earlier_row_of_the_message():
+    state, rows = None, []
+    for ev in (
+        {"type": "message.registered", "event_id": "r", "occurred_at": T0, "message_id": "m1", "automation_id": "a1",
+         "contact_id": "c1", "run": 0, "step_index": 0, "mailing_id": "a1:0", "subject": "Hi", "sending_user": "u",
+         "sending_email": "u@example.com", "email": "c1@example.com", "name": "C", "channel": "email"},
+        parsed("message.delivered", event_id="d", message_id="m1", occurred_at="2026-01-01T00:05:00Z"),
+    ):
+        res = steps.message_step(state, ev, 0, 0)
+        state = res.state
+        rows += res.output.rows.get("messages", [])
+    (row,) = steps.message_snapshot(state).rows["messages"]
+    assert row["_version"] > max(r["_version"] for r in rows) and row["status"] == rows[-1]["status"]
+    assert state["version"] == row["_version"]  # the state keeps the bumped version
