@@ -7,11 +7,12 @@ State layout (plain JSON-serializable dicts and lists; int keys stored as str)::
 
     {"automation_id", "contact_id",
      "runs": [run, ...],          # oldest first, run["run"] == its position
+     "now": ms,                   # monotone max of event times and given now_ms
+     "version": int,
+     # each of these three only from its first use on (absent: empty)
      "ignored": [event_id, ...],  # ignored enrollments (<= 1000)
      "orphans": [outcome, ...],   # outcomes for runs that do not exist yet (<= 1000)
-     "fanouts": [event_id, ...],  # automation.paused/resumed/archived applied here (<= 100, newest kept)
-     "now": ms,                   # monotone max of event times and given now_ms
-     "version": int}
+     "fanouts": [event_id, ...]}  # automation.paused/resumed/archived applied here (<= 100, newest kept)
 
     run = {"run": n,
            "enrolled": None | {"event_id", "at", "user_id", "name", "email", "company", "attributes"},
@@ -25,10 +26,20 @@ State layout (plain JSON-serializable dicts and lists; int keys stored as str)::
            "claim_from": None | ms, "last_at": ms,                # run choice of run-less events
            "done": {"k": ms},                                     # per step index earliest
            "max_done": int (-1 when nothing is done),
-           "sends": {message_id: [step_index, at, event_id]},     # union (earliest per id)
+           "sends": {message_id: step_index},                     # union; per id the earliest send
+           "send_at": {message_id: ms},                           # ((at, event_id) order): its step,
+           "send_eid": {message_id: event_id},                    # time and event id
            "settled": {message_id: ms},                           # per id earliest
            "archived_at": ms (absent until the automation's archive reached this key; earliest),
-           "d": None | [status, reason, {"k": node_state}]}       # derivation last emitted
+           "ds": None | status, "dr": None | reason,              # derivation last emitted
+           "dn": None | {"k": node_state}}                        # (dn None: nothing emitted yet)
+
+Layout choices are about cost: every live state is walked by Python's cycle collector and every
+stored one is (de)serialized per event, so empty lists are not stored, and sends and the last
+emitted derivation are flat maps and plain values rather than one more list per send and per run
+(maps of plain values are not tracked by the collector). States of the earlier layout (``"d":
+None | [status, reason, nodes]``, ``"sends": {message_id: [step_index, at, event_id]}``, the three
+lists always present) are converted when first read (_upgrade).
 
 Auto-resume (out-of-office) is *derived*: a hold whose ``resume_at <= now`` is
 not active. ``now`` only grows, so this is order-independent (see the module
@@ -38,11 +49,10 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
-from hashlib import blake2b as _b2
 
 from schemas.statuses import ENDED, WAITING
 
-from .common import later, max_opt
+from .common import change_hasher, later, max_opt
 
 __all__ = ["Result", "apply", "tick", "next_resume_at", "view", "key_of", "AUTO_RESUME_TYPE"]
 
@@ -99,12 +109,21 @@ def _new_state(event: dict) -> dict:
         "automation_id": event.get("automation_id"),
         "contact_id": event.get("contact_id"),
         "runs": [],
-        "ignored": [],
-        "orphans": [],
-        "fanouts": [],
         "now": 0,
         "version": 0,
     }
+
+
+def _upgrade(state: dict) -> None:
+    """Convert a state of the earlier layout (``d`` per run) in place; see the module docstring."""
+    for run in state["runs"]:
+        if "d" in run:
+            d = run.pop("d")
+            run["ds"], run["dr"], run["dn"] = d if d is not None else (None, None, None)
+            sends = run["sends"]
+            run["sends"] = {mid: s[0] for mid, s in sends.items()}
+            run["send_at"] = {mid: s[1] for mid, s in sends.items()}
+            run["send_eid"] = {mid: s[2] for mid, s in sends.items()}
 
 
 def _blank_run(n: int) -> dict:
@@ -123,8 +142,12 @@ def _blank_run(n: int) -> dict:
         "done": {},
         "max_done": -1,
         "sends": {},
+        "send_at": {},
+        "send_eid": {},
         "settled": {},
-        "d": None,
+        "ds": None,
+        "dr": None,
+        "dn": None,
     }
 
 
@@ -132,7 +155,7 @@ def _add_run(state: dict) -> dict:
     runs = state["runs"]
     run = _blank_run(len(runs))
     runs.append(run)
-    orphans = state["orphans"]
+    orphans = state.get("orphans")
     if orphans:
         keep = []
         n = run["run"]
@@ -255,9 +278,12 @@ def _archive_terminal(run, steps):
     if archived_at is None:
         return None
     settled = run["settled"]
+    sends = run.get("send_at")
+    if sends is None:  # earlier layout, read by view() without converting (see _upgrade)
+        sends = {mid: send[1] for mid, send in run["sends"].items()}
     in_flight = False
-    for mid, send in run["sends"].items():
-        if send[1] <= archived_at:
+    for mid, sent_at in sends.items():
+        if sent_at <= archived_at:
             settled_at = settled.get(mid)
             if settled_at is None or settled_at > archived_at:
                 in_flight = True
@@ -353,45 +379,46 @@ def _refresh(state, run, steps, now, ctx, out) -> bool:
                 nx = (idx[pos], str(idx[pos])) if pos < len(idx) else None
             if nx is not None:
                 nodes[nx[1]] = "waiting" if status in WAITING else "stopped"
-    old = run["d"]
-    if old is None:
-        ostatus = oreason = None
+    onodes = run["dn"]
+    ostatus = run["ds"]
+    oreason = run["dr"]
+    if onodes is None:  # nothing emitted yet
         onodes = {}
-    else:
-        ostatus, oreason, onodes = old
-        if ostatus == status and oreason == reason and onodes == nodes:
-            return False
-    run["d"] = [status, reason, nodes]
+    elif ostatus == status and oreason == reason and onodes == nodes:
+        return False
+    run["ds"] = status
+    run["dr"] = reason
+    run["dn"] = nodes
     eid, etype, at = ctx
     aid = state["automation_id"]
     cid = state["contact_id"]
     rn = run["run"]
     if ostatus != status or oreason != reason:
+        h = change_hasher()
+        h.update(f"{eid}\x1fcontact_status\x1f{aid}\x1f{cid}\x1f{rn}\x1fNone\x1fNone\x1f{status}".encode())
         out.append({
             "kind": "contact_status", "automation_id": aid, "contact_id": cid, "run": rn, "step_index": None,
             "message_id": None, "from": ostatus, "to": status, "reason": reason,
-            "event_id": eid, "event_type": etype, "occurred_at": at,
-            "change_id": _b2(f"{eid}\x1fcontact_status\x1f{aid}\x1f{cid}\x1f{rn}\x1fNone\x1fNone\x1f{status}".encode(),
-                             digest_size=16).hexdigest(),
+            "event_id": eid, "event_type": etype, "occurred_at": at, "change_id": h.hexdigest(),
         })
     if onodes != nodes:
-        diff = [k for k, v in nodes.items() if onodes.get(k) != v]
-        for k in onodes:
-            if k not in nodes:
-                diff.append(k)
+        # nodes entered or changed, then nodes left; in step order
+        diff = [k for k, _ in nodes.items() - onodes.items()]
+        diff.extend(onodes.keys() - nodes.keys())
         if len(diff) > 1:
             diff.sort(key=int)
+        prefix = f"{eid}\x1fnode_state\x1f{aid}\x1f{cid}\x1f{rn}\x1f"
         for k in diff:
             b = nodes.get(k)
             to = "none" if b is None else b
             ki = int(k)
+            h = change_hasher()
+            h.update(f"{prefix}{ki}\x1fNone\x1f{to}".encode())
             out.append({
                 "kind": "node_state", "automation_id": aid, "contact_id": cid, "run": rn, "step_index": ki,
                 "message_id": None, "from": onodes.get(k), "to": to,
                 "reason": reason if (to == "stopped" or to == "filtered") else None,
-                "event_id": eid, "event_type": etype, "occurred_at": at,
-                "change_id": _b2(f"{eid}\x1fnode_state\x1f{aid}\x1f{cid}\x1f{rn}\x1f{ki}\x1fNone\x1f{to}".encode(),
-                                 digest_size=16).hexdigest(),
+                "event_id": eid, "event_type": etype, "occurred_at": at, "change_id": h.hexdigest(),
             })
     return True
 
@@ -412,8 +439,8 @@ def _h_enrolled(state, ev, automation, steps, now, regs, run):
         e = r["enrolled"]
         if e is not None and e["event_id"] == eid:
             return False, _NONE
-    ignored = state["ignored"]
-    if eid in ignored:
+    ignored = state.get("ignored")
+    if ignored and eid in ignored:
         return False, _NONE
     if runs and runs[-1]["enrolled"] is None:
         run = runs[-1]
@@ -426,6 +453,8 @@ def _h_enrolled(state, ev, automation, steps, now, regs, run):
             run = _add_run(state)
             run["claim_from"] = max(ev["occurred_at"], latest["last_at"] + 1)
         else:
+            if ignored is None:
+                state["ignored"] = ignored = []
             if len(ignored) < IGNORED_CAP:
                 ignored.append(eid)
                 return True, _NONE
@@ -516,10 +545,12 @@ def _h_sent(state, ev, automation, steps, now, regs, run):
             run["max_done"] = k
         changed = True
     mid = ev["message_id"]
-    sends = run["sends"]
-    s = sends.get(mid)
+    send_at = run["send_at"]
+    s = send_at.get(mid)
     if s is None:
-        sends[mid] = [k, at, eid]
+        run["sends"][mid] = k
+        send_at[mid] = at
+        run["send_eid"][mid] = eid
         changed = True
         aid = ev["automation_id"]
         enrolled = run["enrolled"] or {}
@@ -541,8 +572,10 @@ def _h_sent(state, ev, automation, steps, now, regs, run):
             "name": enrolled.get("name"),
             "channel": ev.get("channel") or "email",
         })
-    elif at < s[1] or (at == s[1] and eid < s[2]):
-        sends[mid] = [k, at, eid]
+    elif at < s or (at == s and eid < run["send_eid"][mid]):
+        run["sends"][mid] = k
+        send_at[mid] = at
+        run["send_eid"][mid] = eid
         changed = True
     return changed, ((run,) if changed else _NONE)
 
@@ -583,7 +616,9 @@ def _h_outcome(state, ev, automation, steps, now, regs, run):
         n = int(n)
         run = runs[n] if 0 <= n < len(runs) else None
     if run is None:
-        orphans = state["orphans"]
+        orphans = state.get("orphans")
+        if orphans is None:
+            state["orphans"] = orphans = []
         eid = ev["event_id"]
         for o in orphans:
             if o["event_id"] == eid:
@@ -598,7 +633,7 @@ def _h_outcome(state, ev, automation, steps, now, regs, run):
         return True, _NONE
     if _merge_outcome(run, ev):
         if (ev["type"] == "outcome.settled" and "archived_at" not in run and (steps is None or steps[2] is None)
-                and run["d"] is not None):
+                and run["dn"] is not None):
             return True, _NONE  # settled outcomes only matter to an archive (_archive_terminal): none here
         return True, (run,)
     return False, _NONE
@@ -673,9 +708,11 @@ _RUN_LESS = frozenset(t for t in _HANDLERS if (t.startswith("contact.") or t.sta
 def _fan_out(inner):
     """Fan-outs apply to the runs open when processed; their ids are kept so a replay is a no-op."""
     def handler(state, ev, automation, steps, now, regs, run):
-        seen = state["fanouts"]
+        seen = state.get("fanouts")
         eid = ev["event_id"]
-        if eid in seen:
+        if seen is None:
+            state["fanouts"] = seen = []
+        elif eid in seen:
             return False, _NONE
         seen.append(eid)
         if len(seen) > FANOUT_CAP:
@@ -709,6 +746,10 @@ def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int 
     handler = _HANDLERS.get(etype)
     if state is None:
         state = _new_state(event)
+    else:
+        runs = state["runs"]
+        if runs and "d" in runs[0]:
+            _upgrade(state)
     at = event["occurred_at"]
     old_now = state["now"]
     now = old_now
@@ -764,6 +805,9 @@ def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int 
 
 def tick(state: dict, automation: dict | None, now_ms: int) -> Result:
     """Wall-clock timer: auto-resume holds whose ``resume_at <= now_ms``."""
+    runs = state["runs"]
+    if runs and "d" in runs[0]:
+        _upgrade(state)
     old_now = state["now"]
     now = now_ms if now_ms > old_now else old_now
     state["now"] = now
@@ -821,7 +865,7 @@ def view(state: dict, automation: dict | None) -> list[dict]:
     steps = _steps(automation)
     now = state["now"]
     out = []
-    ignored = len(state["ignored"])
+    ignored = len(state.get("ignored") or ())
     for run in state["runs"]:
         status, reason, src = _status(run, steps, now)
         status_at = _status_at(run, src, now, steps)

@@ -7,20 +7,25 @@ State layout (JSON-serializable)::
     {"message_id",
      "send": None | {automation_id, contact_id, run, step_index, mailing_id, subject, sending_user,
                      sending_email, email, name, channel, at, event_id},   # first one kept
-     "f": {flag: [at, event_id]},            # earliest per flag (implied flags included)
+     "f": {flag: at}, "fe": {flag: event_id},   # earliest (at, event_id) per flag (implied flags included)
      "bounce": {class: [at, event_id]},      # earliest per bounce class (hard/block/soft/unknown)
      "auto": None | [at, event_id, return_at],   # earliest auto-reply
      "opens": {event_id: 1}, "clicks": {event_id: 1},   # <= 10,000 each
      "email": first provider-reported address (fallback for the row),
      "status": status last emitted (None until the send is known),
      "version": int}
+
+A flag's fact is split over two flat maps (``f`` and ``fe``) rather than kept as one
+``[at, event_id]`` list per flag: maps of plain values are cheaper to (de)serialize and are not
+tracked by Python's cycle collector, which otherwise walks every such list of every live state.
+States written before the split (``f`` holding ``{flag: [at, event_id]}``, no ``fe``) are
+converted when first read (_upgrade).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hashlib import blake2b as _b2
-
+from .common import change_hasher
 
 __all__ = ["Result", "apply", "view", "key_of", "STATUS_ORDER"]
 
@@ -47,11 +52,18 @@ _TYPE_FLAG = {
     "message.replied": "replied",
     "message.auto_replied": "auto_replied",
 }
-# Provider event types that cannot change an outcome (skip the outcome comparison).
-_NO_OUTCOME = frozenset({"message.sent", "message.deferred", "message.resubscribed"})
 
 _SEND_FIELDS = ("automation_id", "contact_id", "run", "step_index", "mailing_id", "subject", "sending_user",
                 "sending_email", "email", "name", "channel")
+
+# The settling flag (delivered, bounced or dropped) a provider flag can set: opens and clicks imply delivered.
+_SETTLES = {"delivered": "delivered", "opened": "delivered", "clicked": "delivered", "bounced": "bounced",
+            "dropped": "dropped"}
+# For each settling flag, the two other ones (the settled outcome is the earliest of the three).
+_OTHER_SETTLING = {"delivered": ("bounced", "dropped"), "bounced": ("delivered", "dropped"),
+                   "dropped": ("delivered", "bounced")}
+# Status rank (higher wins); flags that are not statuses are absent.
+_RANK = {name: len(STATUS_ORDER) - i for i, name in enumerate(STATUS_ORDER)}
 
 
 @dataclass(slots=True)
@@ -67,23 +79,23 @@ def key_of(event: dict) -> str:
 
 
 def _new_state(mid) -> dict:
-    return {"message_id": mid, "send": None, "f": {}, "bounce": {}, "auto": None, "opens": {}, "clicks": {},
-            "email": None, "status": None, "version": 0}
+    return {"message_id": mid, "send": None, "f": {}, "fe": {}, "bounce": {}, "auto": None, "opens": {},
+            "clicks": {}, "email": None, "status": None, "version": 0}
 
 
-def _flag(f: dict, name: str, at: int, eid: str) -> bool:
-    cur = f.get(name)
-    if cur is None or at < cur[0] or (at == cur[0] and eid < cur[1]):
-        f[name] = [at, eid]
-        return True
-    return False
+def _upgrade(state: dict) -> None:
+    """Convert a state of the earlier layout (``f``: {flag: [at, event_id]}) in place."""
+    old = state["f"]
+    state["f"] = {k: v[0] for k, v in old.items()}
+    state["fe"] = {k: v[1] for k, v in old.items()}
 
 
 def _status(f: dict):
+    """(status, at) derived from the flags (``f``: {flag: at}), or (None, None)."""
     for name in STATUS_ORDER:
         v = f.get(name)
         if v is not None:
-            return name, v[0]
+            return name, v
     return None, None
 
 
@@ -94,145 +106,11 @@ def _bounce_class(bounce: dict):
     return None
 
 
-def _earliest(*facts):
-    best = None
-    for x in facts:
-        if x is not None and (best is None or x[0] < best[0] or (x[0] == best[0] and x[1] < best[1])):
-            best = x
-    return best
+def _bounced_fact(state, f, fe):
+    """(at, event_id, reason) of the bounced outcome, or None.
 
-
-def _outcome_facts(state) -> dict:
-    """{outcome type: (at, source event_id, reason, return_at)} derivable now (send must be known)."""
-    f = state["f"]
-    out = {}
-    s = _earliest(f.get("delivered"), f.get("bounced"), f.get("dropped"))
-    if s is not None:
-        out["outcome.settled"] = (s[0], s[1], None, None)
-    bounce = state["bounce"]
-    b = None
-    if "hard" in bounce:
-        h = bounce["hard"]
-        b = (h[0], h[1], "hard_bounce")
-    elif "block" in bounce:
-        h = bounce["block"]
-        b = (h[0], h[1], "block")
-    sp = f.get("spam_reported")
-    if sp is not None and (b is None or sp[0] < b[0] or (sp[0] == b[0] and sp[1] < b[1])):
-        b = (sp[0], sp[1], "spam_report")
-    if b is not None:
-        out["outcome.bounced"] = (b[0], b[1], b[2], None)
-    u = f.get("unsubscribed")
-    if u is not None:
-        out["outcome.unsubscribed"] = (u[0], u[1], None, None)
-    r = f.get("replied")
-    if r is not None:
-        out["outcome.replied"] = (r[0], r[1], None, None)
-    a = state["auto"]
-    if a is not None:
-        out["outcome.auto_replied"] = (a[0], a[1], None, a[2])
-    return out
-
-
-def _outcome_event(state, otype, fact) -> dict:
-    send = state["send"]
-    return {
-        "event_id": f"{otype}:{fact[1]}",
-        "type": otype,
-        "occurred_at": fact[0],
-        "schema_version": 1,
-        "automation_id": send["automation_id"],
-        "contact_id": send["contact_id"],
-        "run": send["run"],
-        "step_index": send["step_index"],
-        "message_id": state["message_id"],
-        "reason": fact[2],
-        "return_at": fact[3],
-    }
-
-
-def _merge_provider(state, event, etype) -> bool:
-    flag = _TYPE_FLAG.get(etype)
-    if flag is None:
-        return False
-    at = event["occurred_at"]
-    eid = event["event_id"]
-    f = state["f"]
-    changed = _flag(f, flag, at, eid)
-    if flag == "opened":
-        opens = state["opens"]
-        if eid not in opens and len(opens) < COUNT_CAP:
-            opens[eid] = 1
-            changed = True
-        if _flag(f, "delivered", at, eid):
-            changed = True
-    elif flag == "clicked":
-        clicks = state["clicks"]
-        if eid not in clicks and len(clicks) < COUNT_CAP:
-            clicks[eid] = 1
-            changed = True
-        if _flag(f, "opened", at, eid):
-            changed = True
-        if _flag(f, "delivered", at, eid):
-            changed = True
-    elif flag == "bounced":
-        bounce = state["bounce"]
-        cls = event.get("bounce_class")
-        if cls not in _BOUNCE_SEVERITY:
-            cls = "unknown"
-        cur = bounce.get(cls)
-        if cur is None or at < cur[0] or (at == cur[0] and eid < cur[1]):
-            bounce[cls] = [at, eid]
-            changed = True
-    elif flag == "auto_replied":
-        cur = state["auto"]
-        if cur is None or at < cur[0] or (at == cur[0] and eid < cur[1]):
-            state["auto"] = [at, eid, event.get("return_at")]
-            changed = True
-    if state["email"] is None and event.get("email"):
-        state["email"] = event["email"]
-        changed = True
-    return changed
-
-
-def _merge_registration(state, event) -> bool:
-    changed = _flag(state["f"], "sent", event["occurred_at"], event["event_id"])
-    send = state["send"]
-    if send is None:
-        send = {k: event.get(k) for k in _SEND_FIELDS}
-        send["at"] = event["occurred_at"]
-        send["event_id"] = event["event_id"]
-        state["send"] = send
-        return True
-    # First registration kept; fields it lacked are filled from a later one (same send).
-    for k in _SEND_FIELDS:
-        if send[k] is None:
-            v = event.get(k)
-            if v is not None:
-                send[k] = v
-                changed = True
-    return changed
-
-
-# The settling flag (delivered, bounced or dropped) a provider flag can set: opens and clicks imply delivered.
-_SETTLES = {"delivered": "delivered", "opened": "delivered", "clicked": "delivered", "bounced": "bounced",
-            "dropped": "dropped"}
-# Status rank (higher wins); flags that are not statuses are absent.
-_RANK = {name: len(STATUS_ORDER) - i for i, name in enumerate(STATUS_ORDER)}
-
-
-def _earliest3(a, b, c):
-    """Earliest of three optional [at, event_id] facts (the first one on a tie), or None."""
-    best = a
-    if b is not None and (best is None or b[0] < best[0] or (b[0] == best[0] and b[1] < best[1])):
-        best = b
-    if c is not None and (best is None or c[0] < best[0] or (c[0] == best[0] and c[1] < best[1])):
-        best = c
-    return best
-
-
-def _bounced_fact(state, f):
-    """(at, event_id, reason) of the bounced outcome, or None (as in _outcome_facts)."""
+    A hard (else block) bounce, or a spam report when it is earlier.
+    """
     bounce = state["bounce"]
     b = None
     if bounce:
@@ -244,9 +122,56 @@ def _bounced_fact(state, f):
             if h is not None:
                 b = (h[0], h[1], "block")
     sp = f.get("spam_reported")
-    if sp is not None and (b is None or sp[0] < b[0] or (sp[0] == b[0] and sp[1] < b[1])):
-        b = (sp[0], sp[1], "spam_report")
+    if sp is not None:
+        se = fe["spam_reported"]
+        if b is None or sp < b[0] or (sp == b[0] and se < b[1]):
+            b = (sp, se, "spam_report")
     return b
+
+
+def _outcome_facts(state) -> dict:
+    """{outcome type: (at, source event_id, reason, return_at)} derivable now (send must be known)."""
+    f = state["f"]
+    fe = state["fe"]
+    out = {}
+    s = None
+    for name in ("delivered", "bounced", "dropped"):
+        at = f.get(name)
+        if at is not None:
+            eid = fe[name]
+            if s is None or at < s[0] or (at == s[0] and eid < s[1]):
+                s = (at, eid)
+    if s is not None:
+        out["outcome.settled"] = (s[0], s[1], None, None)
+    b = _bounced_fact(state, f, fe)
+    if b is not None:
+        out["outcome.bounced"] = (b[0], b[1], b[2], None)
+    u = f.get("unsubscribed")
+    if u is not None:
+        out["outcome.unsubscribed"] = (u, fe["unsubscribed"], None, None)
+    r = f.get("replied")
+    if r is not None:
+        out["outcome.replied"] = (r, fe["replied"], None, None)
+    a = state["auto"]
+    if a is not None:
+        out["outcome.auto_replied"] = (a[0], a[1], None, a[2])
+    return out
+
+
+def _outcome_event(state, send, otype, at, source, reason, return_at) -> dict:
+    return {
+        "event_id": f"{otype}:{source}",
+        "type": otype,
+        "occurred_at": at,
+        "schema_version": 1,
+        "automation_id": send["automation_id"],
+        "contact_id": send["contact_id"],
+        "run": send["run"],
+        "step_index": send["step_index"],
+        "message_id": state["message_id"],
+        "reason": reason,
+        "return_at": return_at,
+    }
 
 
 def _status_change(state, send, old, status, event, etype) -> dict:
@@ -257,6 +182,8 @@ def _status_change(state, send, old, status, event, etype) -> dict:
     cid = send["contact_id"]
     run = send["run"]
     k = send["step_index"]
+    h = change_hasher()
+    h.update(f"{eid}\x1fmessage_status\x1f{aid}\x1f{cid}\x1f{run}\x1f{k}\x1f{mid}\x1f{status}".encode())
     return {
         "kind": "message_status",
         "automation_id": aid,
@@ -270,30 +197,58 @@ def _status_change(state, send, old, status, event, etype) -> dict:
         "event_id": eid,
         "event_type": etype,
         "occurred_at": event["occurred_at"],
-        "change_id": _b2(f"{eid}\x1fmessage_status\x1f{aid}\x1f{cid}\x1f{run}\x1f{k}\x1f{mid}\x1f{status}".encode(),
-                         digest_size=16).hexdigest(),
+        "change_id": h.hexdigest(),
     }
 
 
 def _apply_registration(state, event) -> Result:
-    had_send = state["send"] is not None
-    if not _merge_registration(state, event):
-        return Result(state, False, [], [])
-    state["version"] += 1
+    at = event["occurred_at"]
+    eid = event["event_id"]
+    f = state["f"]
+    fe = state["fe"]
+    cur = f.get("sent")
+    if cur is None or at < cur or (at == cur and eid < fe["sent"]):
+        f["sent"] = at
+        fe["sent"] = eid
+        changed = True
+    else:
+        changed = False
     send = state["send"]
+    had_send = send is not None
+    if not had_send:
+        g = event.get
+        state["send"] = send = {
+            "automation_id": g("automation_id"), "contact_id": g("contact_id"), "run": g("run"),
+            "step_index": g("step_index"), "mailing_id": g("mailing_id"), "subject": g("subject"),
+            "sending_user": g("sending_user"), "sending_email": g("sending_email"), "email": g("email"),
+            "name": g("name"), "channel": g("channel"), "at": at, "event_id": eid,
+        }
+    else:
+        # First registration kept; fields it lacked are filled from a later one (same send).
+        for k in _SEND_FIELDS:
+            if send[k] is None:
+                v = event.get(k)
+                if v is not None:
+                    send[k] = v
+                    changed = True
+        if not changed:
+            return Result(state, False, [], [])
+    state["version"] += 1
     changes = []
-    status, _ = _status(state["f"])
+    # ``sent`` is set: the status is at least that.
+    status = "sent" if len(f) == 1 else _status(f)[0]
     old = state["status"]
     if status != old:
         state["status"] = status
         changes.append(_status_change(state, send, old, status, event, "message.registered"))
     outcomes = []
-    if not had_send:
+    if not had_send and (len(f) > 1 or state["auto"] is not None):
         # The send became known: every outcome derivable now is new (nothing was forwarded before).
         # With the send already known, a registration changes no outcome fact (only ``sent`` and the
-        # send's fields), so nothing is forwarded.
+        # send's fields), so nothing is forwarded. With ``sent`` as the only flag (and no
+        # auto-reply, no bounce without its flag) there is no outcome.
         for otype, fact in _outcome_facts(state).items():
-            outcomes.append(_outcome_event(state, otype, fact))
+            outcomes.append(_outcome_event(state, send, otype, *fact))
     return Result(state, True, changes, outcomes)
 
 
@@ -309,43 +264,47 @@ def apply(state: dict | None, event: dict) -> Result:
     etype = event["type"]
     if state is None:
         state = _new_state(event["message_id"])
+    elif "fe" not in state:
+        _upgrade(state)
     if etype == "message.registered":
         return _apply_registration(state, event)
     flag = _TYPE_FLAG.get(etype)
     if flag is None:
         return Result(state, False, [], [])
     f = state["f"]
+    fe = state["fe"]
     at = event["occurred_at"]
     eid = event["event_id"]
-    # ---- merge (as _merge_provider)
-    sflag = _SETTLES.get(flag)
-    s0 = f.get(sflag) if sflag is not None else None  # the settling flag before the merge
     if flag == "spam_reported":
-        b0 = _bounced_fact(state, f)  # the bounced outcome fact before the merge
+        b0 = _bounced_fact(state, f, fe)  # the bounced outcome fact before the merge
+    # ---- merge: each fact only appears or gets earlier ((at, event_id) order)
     cur = f.get(flag)
-    if cur is None or at < cur[0] or (at == cur[0] and eid < cur[1]):
-        f[flag] = [at, eid]
+    if cur is None or at < cur or (at == cur and eid < fe[flag]):
+        f[flag] = at
+        fe[flag] = eid
         changed = flag_changed = True
     else:
         changed = flag_changed = False
-    if flag == "opened":
-        opens = state["opens"]
-        if eid not in opens and len(opens) < COUNT_CAP:
-            opens[eid] = 1
+    sflag = _SETTLES.get(flag)
+    settle_moved = flag_changed and sflag is not None  # the settling flag got earlier
+    if flag == "opened" or flag == "clicked":
+        seen = state["opens" if flag == "opened" else "clicks"]
+        if eid not in seen and len(seen) < COUNT_CAP:
+            seen[eid] = 1
             changed = True
-        if s0 is None or at < s0[0] or (at == s0[0] and eid < s0[1]):
-            f["delivered"] = [at, eid]
-            changed = True
-    elif flag == "clicked":
-        clicks = state["clicks"]
-        if eid not in clicks and len(clicks) < COUNT_CAP:
-            clicks[eid] = 1
-            changed = True
-        if _flag(f, "opened", at, eid):
-            changed = True
-        if s0 is None or at < s0[0] or (at == s0[0] and eid < s0[1]):
-            f["delivered"] = [at, eid]
-            changed = True
+        if flag == "clicked":
+            cur = f.get("opened")
+            if cur is None or at < cur or (at == cur and eid < fe["opened"]):
+                f["opened"] = at
+                fe["opened"] = eid
+                changed = True
+        cur = f.get("delivered")
+        if cur is None or at < cur or (at == cur and eid < fe["delivered"]):
+            f["delivered"] = at
+            fe["delivered"] = eid
+            changed = settle_moved = True
+        else:
+            settle_moved = False
     elif flag == "bounced":
         bounce = state["bounce"]
         cls = event.get("bounce_class")
@@ -353,7 +312,7 @@ def apply(state: dict | None, event: dict) -> Result:
             cls = "unknown"
         cur = bounce.get(cls)
         if cur is None or at < cur[0] or (at == cur[0] and eid < cur[1]):
-            b0 = _bounced_fact(state, f) if state["send"] is not None else None
+            b0 = _bounced_fact(state, f, fe) if state["send"] is not None else None
             bounce[cls] = [at, eid]
             changed = bounce_changed = True
         else:
@@ -386,33 +345,33 @@ def apply(state: dict | None, event: dict) -> Result:
     # ---- outcomes (in the order of _outcome_facts: settled, bounced, unsubscribed, replied, auto_replied)
     outcomes = []
     if sflag is not None:
-        s1 = f[sflag]
-        if s1 is not s0:  # the settling flag got earlier: the settled fact may have too
-            if sflag == "delivered":
-                before = _earliest3(s0, f.get("bounced"), f.get("dropped"))
-            elif sflag == "bounced":
-                before = _earliest3(f.get("delivered"), s0, f.get("dropped"))
+        if settle_moved:
+            # The settled fact is the earliest of the three settling flags; only ``sflag`` moved (to this
+            # event), so it changed iff the new one is strictly earlier than both others.
+            s_at = f[sflag]
+            s_eid = fe[sflag]
+            for o in _OTHER_SETTLING[sflag]:
+                o_at = f.get(o)
+                if o_at is not None and (o_at < s_at or (o_at == s_at and fe[o] <= s_eid)):
+                    break
             else:
-                before = _earliest3(f.get("delivered"), f.get("bounced"), s0)
-            after = _earliest3(f.get("delivered"), f.get("bounced"), f.get("dropped"))
-            if after != before:
-                outcomes.append(_outcome_event(state, "outcome.settled", (after[0], after[1], None, None)))
+                outcomes.append(_outcome_event(state, send, "outcome.settled", s_at, s_eid, None, None))
         if flag == "bounced" and bounce_changed:
-            b = _bounced_fact(state, f)
+            b = _bounced_fact(state, f, fe)
             if b != b0:
-                outcomes.append(_outcome_event(state, "outcome.bounced", (b[0], b[1], b[2], None)))
-    elif flag == "spam_reported":
-        if flag_changed:
-            b = _bounced_fact(state, f)
-            if b != b0:
-                outcomes.append(_outcome_event(state, "outcome.bounced", (b[0], b[1], b[2], None)))
+                outcomes.append(_outcome_event(state, send, "outcome.bounced", b[0], b[1], b[2], None))
     elif flag == "unsubscribed" or flag == "replied":
         if flag_changed:  # the fact is the flag itself
-            outcomes.append(_outcome_event(state, "outcome." + flag, (at, eid, None, None)))
+            outcomes.append(_outcome_event(state, send, "outcome." + flag, at, eid, None, None))
+    elif flag == "spam_reported":
+        if flag_changed:
+            b = _bounced_fact(state, f, fe)
+            if b != b0:
+                outcomes.append(_outcome_event(state, send, "outcome.bounced", b[0], b[1], b[2], None))
     elif flag == "auto_replied":
         if auto_changed:
             a = state["auto"]
-            outcomes.append(_outcome_event(state, "outcome.auto_replied", (a[0], a[1], None, a[2])))
+            outcomes.append(_outcome_event(state, send, "outcome.auto_replied", a[0], a[1], None, a[2]))
     return Result(state, True, changes, outcomes)
 
 
@@ -421,6 +380,8 @@ def view(state: dict) -> dict | None:
     if send is None:
         return None
     f = state["f"]
+    if "fe" not in state:  # earlier layout (read without converting: a view does not change the state)
+        f = {k: v[0] for k, v in f.items()}
     status, status_at = _status(f)
     row = {
         "message_id": state["message_id"],
@@ -439,8 +400,7 @@ def view(state: dict) -> dict | None:
         "status_at": status_at,
     }
     for name in FLAGS:
-        v = f.get(name)
-        row[name + "_at"] = v[0] if v is not None else None
+        row[name + "_at"] = f.get(name)
     row["bounce_class"] = _bounce_class(state["bounce"])
     row["opens"] = len(state["opens"])
     row["clicks"] = len(state["clicks"])

@@ -7,6 +7,7 @@ import orjson
 import pytest
 
 from streams.engine import enrollment as E
+from streams.engine.common import change_id
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 MIN = 60_000
@@ -550,6 +551,78 @@ def test_state_survives_json_roundtrip():
     assert s2 == orjson.loads(orjson.dumps(s1))
     tail = ev("contact.enriched", DAY // MIN + 5)
     assert E.apply(s1, tail, ONCE).changes == E.apply(s2, dict(tail), ONCE).changes
+
+
+# A state as the engine stored it before the layout change (``d`` per run, sends as lists, the
+# ignored/orphans/fanouts lists always present): enrolled (en1), step 0 sent (s1, mA), finished (f1),
+# re-enrolled (en2), step 0 sent (s2, mB), out-of-office auto-reply on run 1 (o1) returning at T0 + 60 min.
+EARLIER_LAYOUT_STATE = (
+    '{"automation_id":"a1","contact_id":"c1","runs":[{"run":0,"enrolled":{"event_id":"en1","at":1767225600000,'
+    '"user_id":"u1","name":"Ann","email":"ann@x.io","company":null,"attributes":{}},"needs_enrichment":false,'
+    '"enriched_at":null,"terminal":[1767225720000,"f1","finished","manual",null,"contact.finished"],"hold":null,'
+    '"resumed":null,"limit":null,"started_at":1767225660000,"claim_from":null,"last_at":1767225720000,'
+    '"done":{"0":1767225660000},"max_done":0,"sends":{"mA":[0,1767225660000,"s1"]},"settled":{},'
+    '"d":["finished","manual",{"0":"done","1":"stopped"}]},{"run":1,"enrolled":{"event_id":"en2",'
+    '"at":1767225780000,"user_id":"u1","name":"Ann","email":"ann@x.io","company":null,"attributes":{}},'
+    '"needs_enrichment":false,"enriched_at":null,"terminal":null,"hold":[1767225900000,"o1","paused",'
+    '"out_of_office",1767229200000],"resumed":null,"limit":null,"started_at":1767225840000,'
+    '"claim_from":1767225780000,"last_at":1767225840000,"done":{"0":1767225840000},"max_done":0,'
+    '"sends":{"mB":[0,1767225840000,"s2"]},"settled":{},"d":["paused","out_of_office",{"0":"done","1":"waiting"}]}],'
+    '"ignored":[],"orphans":[],"fanouts":[],"now":1767225900000,"version":6}')
+
+
+def _earlier_layout_events():
+    return [enrolled(eid="en1"), ev("step.sent", 1, eid="s1", step_index=0, message_id="mA"),
+            ev("contact.finished", 2, eid="f1", reason="manual"), ev("contact.enrolled", 3, eid="en2"),
+            ev("step.sent", 4, eid="s2", step_index=0, message_id="mB"),
+            ev("outcome.auto_replied", 5, eid="o1", run=1, message_id="mB", return_at=T0 + 60 * MIN)]
+
+
+def _without_empty_lists(state):
+    return orjson.dumps({k: v for k, v in state.items() if v != []}, option=orjson.OPT_SORT_KEYS)
+
+
+@pytest.mark.parametrize("tail", [
+    [ev("outcome.settled", 6, eid="t1", run=1, message_id="mB"), ev("step.sent", 7, eid="t2", step_index=0,
+                                                                    message_id="mB"),
+     ev("contact.enrolled", 8, eid="en1"), ev("automation.archived", 9, eid="t3")],
+    [ev("step.sent", 90, eid="t4", step_index=1, message_id="mC"), ev("contact.enrolled", 91, eid="en3")],
+    [ev("automation.paused", 6, eid="t5"), ev("outcome.bounced", 7, eid="t6", run=0, message_id="mA")],
+])
+def test_state_of_the_earlier_layout_is_converted_when_read(tail):
+    fresh, _, _ = run_seq(_earlier_layout_events(), automation=UNLIMITED)
+    old = orjson.loads(EARLIER_LAYOUT_STATE)
+    for automation in (UNLIMITED, dict(UNLIMITED, archived_at=T0 + 5 * MIN), None):
+        assert E.view(old, automation) == E.view(fresh, automation)
+    assert orjson.loads(EARLIER_LAYOUT_STATE) == old  # a view does not convert
+    assert E.next_resume_at(old) == E.next_resume_at(fresh)
+    for e in tail:
+        r_old = E.apply(old, dict(e), UNLIMITED)
+        r_new = E.apply(fresh, dict(e), UNLIMITED)
+        assert (r_old.changed, r_old.changes, r_old.registrations) == (
+            r_new.changed, r_new.changes, r_new.registrations)
+        old, fresh = r_old.state, r_new.state
+    assert E.view(old, UNLIMITED) == E.view(fresh, UNLIMITED)
+    assert _without_empty_lists(old) == _without_empty_lists(fresh)
+
+
+def test_earlier_layout_ticked():
+    old = orjson.loads(EARLIER_LAYOUT_STATE)
+    fresh, _, _ = run_seq(_earlier_layout_events(), automation=UNLIMITED)
+    r_old, r_new = E.tick(old, UNLIMITED, T0 + 61 * MIN), E.tick(fresh, UNLIMITED, T0 + 61 * MIN)
+    assert r_old.changes and r_old.changes == r_new.changes
+    assert _without_empty_lists(r_old.state) == _without_empty_lists(r_new.state)
+
+
+def test_change_ids_are_common_change_id():
+    """The machine builds change ids inline; they are common.change_id of the change's fields."""
+    s, ch, _ = run_seq([enrolled(), ev("step.sent", 1, step_index=0), ev("step.sent", 2, step_index=1),
+                        ev("outcome.bounced", 3, message_id="m0", reason="block"),
+                        ev("contact.paused", 4, reason="manual", resume_at=T0 + 10 * MIN)])
+    assert {c["kind"] for c in ch} == {"contact_status", "node_state"}
+    for c in ch:
+        assert c["change_id"] == change_id(c["event_id"], c["kind"], c["automation_id"], c["contact_id"], c["run"],
+                                           c["step_index"], c["message_id"], c["to"])
 
 
 def test_key_of():

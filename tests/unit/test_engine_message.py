@@ -8,6 +8,7 @@ import pytest
 
 from streams.engine import enrollment as E
 from streams.engine import message as M
+from streams.engine.common import change_id
 
 T0 = 1_767_225_600_000
 MIN = 60_000
@@ -217,6 +218,45 @@ def test_version_and_change_ids():
     assert M.key_of(pev("delivered", mid="zz")) == "zz"
 
 
+# A state as the engine stored it before the layout change (``f``: {flag: [at, event_id]}, no ``fe``):
+# registered (send1), delivered (d1) and opened (o1).
+EARLIER_LAYOUT_STATE = (
+    '{"message_id":"m1","send":{"automation_id":"a1","contact_id":"c1","run":0,"step_index":0,"mailing_id":"a1:0",'
+    '"subject":"Hello","sending_user":"u9","sending_email":"me@x.io","email":"ann@x.io","name":"Ann",'
+    '"channel":"email","at":1767225600000,"event_id":"send1"},"f":{"sent":[1767225600000,"send1"],'
+    '"delivered":[1767225660000,"d1"],"opened":[1767225720000,"o1"]},"bounce":{},"auto":null,"opens":{"o1":1},'
+    '"clicks":{},"email":"ann@x.io","status":"opened","version":3}')
+
+
+@pytest.mark.parametrize("tail", [
+    [pev("clicked", 3, eid="c1"), pev("delivered", 0, eid="d0"), pev("bounced", 4, eid="b1", bounce_class="hard")],
+    [pev("spam_reported", 2, eid="sp"), pev("opened", 2, eid="o0"), pev("auto_replied", 5, eid="a1",
+                                                                            return_at=T0 + 99)],
+    [reg(0, eid="send0"), pev("unsubscribed", 6, eid="u1"), pev("replied", 7, eid="r1")],
+])
+def test_state_of_the_earlier_layout_is_converted_when_read(tail):
+    fresh, _, _ = feed([reg(0), pev("delivered", 1, eid="d1"), pev("opened", 2, eid="o1")])
+    old = orjson.loads(EARLIER_LAYOUT_STATE)
+    snapshot = orjson.dumps(old)
+    assert M.view(old) == M.view(fresh)
+    assert orjson.dumps(old) == snapshot  # a view does not convert
+    for e in tail:
+        r_old, r_new = M.apply(old, dict(e)), M.apply(fresh, dict(e))
+        assert (r_old.changed, r_old.changes, r_old.outcomes) == (r_new.changed, r_new.changes, r_new.outcomes)
+        old, fresh = r_old.state, r_new.state
+    assert M.view(old) == M.view(fresh)
+    assert orjson.dumps(old, option=orjson.OPT_SORT_KEYS) == orjson.dumps(fresh, option=orjson.OPT_SORT_KEYS)
+
+
+def test_change_ids_are_common_change_id():
+    """The machine builds change ids inline; they are common.change_id of the change's fields."""
+    _, ch, _ = feed([pev("delivered", 1), reg(0), pev("opened", 2), pev("bounced", 3, bounce_class="block")])
+    assert len(ch) == 3
+    for c in ch:
+        assert c["change_id"] == change_id(c["event_id"], c["kind"], c["automation_id"], c["contact_id"], c["run"],
+                                           c["step_index"], c["message_id"], c["to"])
+
+
 def test_outcomes_drive_the_enrollment_machine():
     automation = {"automation_id": "a1", "participation": "once", "steps": [{"index": 0}, {"index": 1}]}
     base = {"schema_version": 1, "automation_id": "a1", "contact_id": "c1"}
@@ -297,7 +337,7 @@ def test_incremental_status_and_outcomes_match_a_full_rederivation(seed):
             continue
         assert v["status"] == status
         derived = {}
-        flags = state["f"]
+        flags = {k: (at, state["fe"][k]) for k, at in state["f"].items()}  # flag: (at, event_id)
         settled = [tuple(flags[k]) for k in ("delivered", "bounced", "dropped") if k in flags]
         if settled:
             at, eid = min(settled)
