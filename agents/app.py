@@ -69,7 +69,7 @@ class Batch:
     replica_writes: dict = field(default_factory=dict)  # (partition, automation_id) -> replica
     events: list = field(default_factory=list)  # the records of the batch, for the latency metric
     replay_until: dict = field(default_factory=dict)  # TopicPartition -> first offset not replayed
-    state_writers: list = field(default_factory=list)  # run after the effects are durable
+    state_writers: list = field(default_factory=list)  # stage the batch's state, once it is processed
 
 
 TABLES_BY_KIND = {
@@ -109,8 +109,10 @@ class Pipeline:
 
     # ---- a batch ------------------------------------------------------------------------------
 
-    async def process(self, fetched: dict[Any, list], replay_until: dict | None = None) -> None:
-        """Apply one fetched batch: effects durable first, then the state staged in ``self.tables``.
+    def prepare(self, fetched: dict[Any, list], replay_until: dict | None = None) -> "Batch":
+        """Apply one fetched batch: its outputs and rows collected in the returned batch, its
+        state staged in ``self.tables``' open layer. Nothing leaves the process here: the caller
+        makes the effects durable (:meth:`finish`) before it commits the staged state.
 
         ``replay_until`` (topic partition -> offset): records below it may have had their effects
         emitted before, by a run that crashed or a batch that failed, without their state being
@@ -131,9 +133,9 @@ class Pipeline:
             self.process_contacts(ctx, by_kind["contact"])
         if by_kind["message"]:
             self.process_messages(ctx, by_kind["message"])
-        await self._finish_batch(ctx)
         for write_state in ctx.state_writers:
             write_state()
+        return ctx
 
     @staticmethod
     def _replayed(ctx: "Batch", rec: Any) -> bool:
@@ -214,13 +216,13 @@ class Pipeline:
                 await self.sink.write(table_name, table_rows, content_token(table_name, table_rows))
             await self.sink.flush()
 
-    async def _finish_batch(self, ctx: "Batch") -> None:
+    async def finish(self, ctx: "Batch") -> None:
         """Make the batch's effects durable: Kafka outputs acknowledged and ClickHouse rows written.
 
-        The state is staged only after this returns. A crash before the state commit
-        replays the batch and re-emits the same (idempotent) effects; a crash after it finds
-        the effects already durable. Committing the state first would lose effects: the
-        replay would see "already applied" and emit nothing.
+        The batch's staged state is committed only after this returns. A crash before the
+        state commit replays the batch and re-emits the same (idempotent) effects; a crash
+        after it finds the effects already durable. Committing the state first would lose
+        effects: the replay would see "already applied" and emit nothing.
         """
         # The two are independent: Kafka acknowledges while ClickHouse inserts. Both must succeed.
         await asyncio.gather(self._send_all(ctx.sends), self._write_rows(ctx.rows))

@@ -41,6 +41,22 @@ async def group_lag(settings: Settings) -> dict[str, int]:
         await admin.close()
 
 
+async def committed_metadata(settings: Settings) -> dict[tuple[str, int], tuple[int, str]]:
+    """The group's commits on the consumed topics: (contract topic, partition) -> (offset, metadata)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    group = f"{settings.topic_prefix}{settings.consumer_group}"
+    by_full = {v: k for k, v in topic_names(settings.topic_prefix).items() if k in CONSUMED}
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {(by_full[tp.topic], tp.partition): (meta.offset, meta.metadata)
+            for tp, meta in committed.items() if tp.topic in by_full}
+
+
 async def _partitions(consumer, topic: str) -> set[int]:
     await consumer._client.force_metadata_update()
     return consumer.partitions_for_topic(topic) or set()

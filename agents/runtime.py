@@ -7,14 +7,18 @@ send registration) reach one member, which owns the matching state-table partiti
 
 Per batch (``getmany``, bounded by ``batch_size`` and ``batch_seconds``), under the batch lock:
 
-1. the pipeline turns the records into outputs, rows and staged state writes;
-2. outputs are produced and acknowledged, rows are written to ClickHouse (effects first);
-3. staged state goes to the changelogs (acknowledged), then to the local stores;
-4. the batch's offsets are committed.
+1. the pipeline turns the records into outputs, rows and state writes, staged in a layer of the
+   tables over the layers of earlier batches not yet durable;
+2. once the previous batch is durable, a task makes this one durable: outputs produced and
+   acknowledged, rows written to ClickHouse (effects first), then the batch's state layer to the
+   changelogs (acknowledged) and the local stores, then its offsets committed;
+3. meanwhile the loop fetches and processes the next batch, so the ClickHouse inserts and Kafka
+   round trips of one batch overlap the processing of the next.
 
 A crash at any point replays from the last commit; replays are idempotent (facts merge, rows
 are ReplacingMergeTree with stable keys and versions, outputs carry stable ids). A failed batch
-is retried from the committed offsets after a backoff; the worker never stops for input.
+drops every staged layer and is retried, with the batch processed after it, from their first
+records after a backoff; the worker never stops for input.
 
 Rebalances (eager: everything revoked, then assigned): ``on_partitions_revoked`` waits for the
 running batch to end (its offsets committed), ``on_partitions_assigned`` recovers the assigned
@@ -29,6 +33,7 @@ import time
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from agents.produce import BatchProducer
@@ -38,6 +43,10 @@ from sendtrail.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_RETRY_SECONDS = 30.0
+#: Offset commit metadata: the member stopped cleanly (drained, every processed batch durable).
+CLEAN = "sendtrail:clean"
+#: Offset commit metadata: the partition's first owner is about to process it.
+STARTED = "sendtrail:started"
 #: Lays out each topic's partitions over the sorted members in the same ranges, so topics with
 #: equal partition counts are co-partitioned (tests/unit/test_state_tables.py checks it).
 ASSIGNOR = RangePartitionAssignor
@@ -71,10 +80,12 @@ class Runtime:
         self.assignment: set[TopicPartition] = set()
         self.recovering = False
         self.committed: dict[TopicPartition, int] = {}
+        self.durable: dict[TopicPartition, int] = {}  # next offset after the last durable batch
         self._stopping = asyncio.Event()
         self._ticker: asyncio.Task | None = None
         self.fatal: BaseException | None = None
-        self._commit_task: asyncio.Future | None = None
+        self._inflight: asyncio.Future | None = None  # the last batch, being made durable
+        self._uncommitted: list[dict] = []  # fetched batches whose state is not durable yet, in order
         #: partition -> first offset whose effects surely were not emitted by an earlier attempt
         self.replay_until: dict[TopicPartition, int] = {}
 
@@ -135,8 +146,9 @@ class Runtime:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
         async with self._lock:
-            await self._await_commit()
+            await self._drain()
             if self.consumer is not None:
+                await self._commit_clean(self.assignment)
                 await self.consumer.stop()
             if self._changelog_reader is not None:
                 await self._changelog_reader.stop()
@@ -148,11 +160,13 @@ class Runtime:
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:  # the running batch ends and commits first
-            await self._await_commit()
+            await self._drain()
+            await self._commit_clean(revoked)
             self.generation += 1
             self.assignment = set()
             for tp in revoked:
                 self.committed.pop(tp, None)
+                self.durable.pop(tp, None)
                 self.metrics.forget_partition(self.pipeline.contract_name.get(tp.topic, tp.topic), tp.partition)
         self.metrics.rebalanced("revoked")
 
@@ -177,22 +191,80 @@ class Runtime:
                 self.recovering = False
             self.metrics.observe_recovery(time.monotonic() - began)
             self.assignment = set(assigned)
-            committed = {}
-            for tp in assigned:
-                try:
-                    committed[tp] = await self.consumer.committed(tp)
-                except Exception:
-                    log.exception("could not read the committed offset of %s", tp)
-            self.committed = {tp: off for tp, off in committed.items() if off is not None}
-            # A member that crashed may have emitted the effects of up to two uncommitted batches
-            # (the one being committed and the next): their keys re-emit all rows on replay.
-            starts = await self.consumer.beginning_offsets([tp for tp in assigned if tp not in self.committed])
-            span = 2 * self.settings.batch_size
-            self.replay_until = {tp: (self.committed.get(tp) if tp in self.committed else starts[tp]) + span
-                                 for tp in assigned}
+            self.durable = {}
+            self.replay_until = await self._replay_ranges(assigned)
         self.metrics.rebalanced("assigned")
         log.info("assigned %d partitions: %s", len(assigned),
                  ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)))
+
+    async def _replay_ranges(self, assigned: set[TopicPartition]) -> dict[TopicPartition, int]:
+        """Sets ``self.committed``; returns, per partition, the offset below which records may have
+        had their effects emitted by an earlier attempt (a member that crashed, or that left
+        without its last offsets committed).
+
+        Such a member may have emitted the effects of up to three batches above its committed
+        offset (one whose offset commit was under way, one being made durable and the one
+        processed meanwhile): the keys of those records re-emit all their rows when they are
+        processed again. A member that stopped cleanly committed its offsets with ``CLEAN`` as
+        metadata: nothing to replay there. A partition nobody committed is new: it is marked
+        ``STARTED`` before its first record is processed, so that a crash before the first
+        batch's commit is told apart from a fresh start.
+        """
+        known = True  # the commits' metadata is known
+        try:
+            # aiokafka's public committed() drops the metadata; the coordinator call keeps it
+            found = await self.consumer._coordinator.fetch_committed_offsets(list(assigned))
+        except Exception:
+            log.warning("could not read the commits' metadata; replaying above every commit", exc_info=True)
+            known, found = False, {}
+            for tp in assigned:
+                try:
+                    offset = await self.consumer.committed(tp)
+                except Exception:
+                    log.exception("could not read the committed offset of %s", tp)
+                    continue
+                if offset is not None:
+                    found[tp] = OffsetAndMetadata(offset, "")
+        span = 3 * self.settings.batch_size
+        self.committed = {}
+        replay: dict[TopicPartition, int] = {}
+        fresh = []
+        for tp in assigned:
+            meta = found.get(tp)
+            if meta is None or meta.offset < 0:
+                fresh.append(tp)
+                continue
+            self.committed[tp] = meta.offset
+            if meta.metadata != CLEAN:
+                replay[tp] = meta.offset + span
+        if fresh:
+            starts = await self.consumer.beginning_offsets(fresh)
+            try:
+                if not known:
+                    raise RuntimeError("commits unknown")
+                await self.consumer.commit({tp: (starts[tp], STARTED) for tp in fresh})
+                self.committed.update({tp: starts[tp] for tp in fresh})
+            except Exception:
+                log.warning("could not mark new partitions started; treating them as replayed", exc_info=True)
+                replay.update({tp: starts[tp] + span for tp in fresh})
+        return replay
+
+    async def _commit_clean(self, partitions: set[TopicPartition]) -> None:
+        """After a drain: commit the durable offsets of ``partitions`` as ``CLEAN`` (every record
+        below them is durable and none above was processed), unless records above them may have
+        had effects emitted (a failed batch not processed again yet)."""
+        offsets = {}
+        for tp in partitions:
+            off = self.durable.get(tp, self.committed.get(tp))
+            if off is not None and self.replay_until.get(tp, 0) <= off:
+                offsets[tp] = (off, CLEAN)
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+            self.committed.update({tp: off for tp, (off, _) in offsets.items()})
+        except Exception:
+            log.warning("could not commit the clean stop; the next owner replays the last batches", exc_info=True)
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -212,21 +284,23 @@ class Runtime:
                     await asyncio.gather(fetch, return_exceptions=True)
                     break
                 fetched = fetch.result()
-                if not fetched:
-                    continue
                 async with self._lock:
                     if generation != self.generation:
                         continue  # a rebalance happened meanwhile: fetched again from the committed offsets
                     try:
-                        await self._process(fetched)
+                        if fetched:
+                            await self._process(fetched)
+                        elif self._inflight is not None and self._inflight.done():
+                            await self._await_inflight()  # raises if the last batch failed
+                        else:
+                            continue
                         delay = 0.5
                     except asyncio.CancelledError:
                         raise
                     except Exception:
-                        log.exception("batch failed; retrying from the committed offsets in %.1fs", delay)
+                        log.exception("batch failed; retrying from the last durable offsets in %.1fs", delay)
                         self.metrics.batch_failed()
-                        self.tables.discard()
-                        await self._rewind(fetched)
+                        await self._reset(fetched)
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, MAX_RETRY_SECONDS)
         finally:
@@ -235,45 +309,87 @@ class Runtime:
             raise RuntimeError("the worker stopped: state recovery failed") from self.fatal
 
     async def _process(self, fetched: dict[TopicPartition, list]) -> None:
+        """Process a batch while the previous one is being made durable (two-stage pipeline).
+
+        The batch is processed over the previous batch's staged state (a sealed layer of the
+        tables). Its effects start once the previous batch is durable, so outputs and rows keep
+        the batches' order; they, its state commit and its offset commit then run while the
+        next batch is fetched and processed.
+        """
         began = time.perf_counter()
         replay = self.replay_until
         if replay:
             for tp in [tp for tp, until in replay.items() if self.committed.get(tp, -1) >= until]:
                 del replay[tp]  # past the replayed range
-        await self.pipeline.process(fetched, {tp: replay[tp] for tp in fetched if tp in replay})
-        written = await self.tables.commit(self.pipeline.producer)
+        self._uncommitted.append(fetched)
+        ctx = self.pipeline.prepare(fetched, {tp: replay[tp] for tp in fetched if tp in replay})
+        layer = self.tables.seal()
+        await self._await_inflight()
+        offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items() if records}
+        self._inflight = asyncio.ensure_future(self._finish(ctx, layer, offsets, began))
+
+    async def _finish(self, ctx: Any, layer: dict, offsets: dict[TopicPartition, int], began: float) -> None:
+        """Effects durable, then the state layer, then the offsets (a failed offset commit is
+        logged: the next batch's commit covers it)."""
+        await self.pipeline.finish(ctx)
+        written = await self.tables.commit_layer(layer, self.pipeline.producer)
         if written:
             self.metrics.changelog_written(written)
-        offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items() if records}
-        # The batch is durable: its offsets are committed while the next batch is processed
-        # (commits stay in order: the previous one is awaited first).
-        await self._await_commit()
-        self._commit_task = asyncio.ensure_future(self._commit(offsets))
-        self.metrics.batch_done(time.perf_counter() - began)
-
-    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
-        await self.consumer.commit(offsets)
-        self.committed.update(offsets)
-
-    async def _await_commit(self) -> None:
-        """Wait for the last batch's commit; a failed commit is logged, a later one covers it."""
-        task, self._commit_task = self._commit_task, None
-        if task is None:
-            return
+        self._uncommitted.pop(0)
+        self.durable.update(offsets)
         try:
-            await task
+            await self.consumer.commit(offsets)
+            self.committed.update(offsets)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.warning("offset commit failed; the next batch's commit covers it", exc_info=True)
+        self.metrics.batch_done(time.perf_counter() - began)
 
-    async def _rewind(self, fetched: dict[TopicPartition, list]) -> None:
-        """Seek the failed batch's partitions back to their first record (not committed); the
-        batch may have emitted some of its effects, so its records count as replayed."""
-        for tp, records in fetched.items():
-            if records and tp in self.consumer.assignment():
-                self.consumer.seek(tp, records[0].offset)
-                self.replay_until[tp] = max(self.replay_until.get(tp, 0), records[-1].offset + 1)
+    async def _await_inflight(self) -> None:
+        """Wait until the batch in flight is durable; raises its error if it failed."""
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            await task
+
+    async def _drain(self) -> None:
+        """Finish the batch in flight; if it fails, drop the staged state (it is replayed from
+        the committed offsets by whoever owns the partitions next)."""
+        try:
+            await self._await_inflight()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the last batch failed; its records are processed again from the committed offsets")
+            self.metrics.batch_failed()
+            self.tables.discard()
+            self._uncommitted.clear()
+
+    async def _reset(self, fetched: dict[TopicPartition, list]) -> None:
+        """After a failure: let the batch in flight end, drop all staged state and seek every
+        partition of a batch that is not durable back to its first record. Those batches may
+        have emitted some effects, so their records count as replayed."""
+        try:
+            await self._await_inflight()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            pass  # the failure being handled, or one its reset covers
+        self.tables.discard()
+        batches = self._uncommitted + ([fetched] if fetched and all(b is not fetched for b in self._uncommitted) else [])
+        self._uncommitted = []
+        first: dict[TopicPartition, int] = {}
+        last: dict[TopicPartition, int] = {}
+        for batch in batches:
+            for tp, records in batch.items():
+                if records:
+                    first[tp] = min(first.get(tp, records[0].offset), records[0].offset)
+                    last[tp] = max(last.get(tp, -1), records[-1].offset)
+        assignment = self.consumer.assignment()
+        for tp, offset in first.items():
+            if tp in assignment:
+                self.consumer.seek(tp, offset)
+                self.replay_until[tp] = max(self.replay_until.get(tp, 0), last[tp] + 1)
 
     async def _tick_loop(self) -> None:
         """Ask every assigned contacts partition to auto-resume holds whose date has passed."""

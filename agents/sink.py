@@ -17,10 +17,12 @@ a batch may exceed ``max_rows`` by one write) or when ``max_seconds`` have
 passed since its first row (a background timer task). ``flush()`` seals all
 buffers.
 
-Inserting. Sealed batches are inserted in order by one background task,
-each insert runs in an executor (by default a private single-thread one:
-chDB runs in-process and its client serializes calls on a handle anyway),
-so the event loop never blocks on ClickHouse.
+Inserting. Sealed batches are inserted in order by one background task. It
+hands every sealed batch to the executor in one job, inserted there one after
+the other, so the chain of inserts never waits for a busy event loop between
+tables. The executor is by default a private single-thread one (chDB runs
+in-process and its client serializes calls on a handle anyway), so the event
+loop never blocks on ClickHouse.
 
 Retries. A failed insert is logged (with the exception), reported to
 ``metrics.on_failure`` and retried with exponential backoff
@@ -307,46 +309,58 @@ class BatchWriter:
                     self._seal(table)
 
     async def _insert_loop(self) -> None:
+        delay = self.retry_initial_seconds
+        attempt = 0  # failed attempts of the batch at the head of the queue
         while True:
             if not self._pending:
                 self._has_batches.clear()
                 await self._has_batches.wait()
                 continue
-            batch = self._pending[0]
-            await self._insert_with_retry(batch)
-            self._pending.popleft()
-            self._add_backlog(-len(batch.rows))
-            if not batch.done.done():
-                batch.done.set_result(None)
-            async with self._drained:
-                self._drained.notify_all()
-
-    async def _insert_with_retry(self, batch: _Batch) -> None:
-        delay = self.retry_initial_seconds
-        attempt = 0
-        while True:
+            # Every sealed batch goes to the executor in one job, inserted there in order: the
+            # chain of inserts does not wait for the event loop between tables (the loop may be
+            # busy with the next batch of records for a while).
+            batches = list(self._pending)
+            durations, exc = await self._loop.run_in_executor(self._executor, self._insert_run, batches)
+            for batch, seconds in zip(batches, durations):
+                self._pending.popleft()
+                self._add_backlog(-len(batch.rows))
+                if not batch.done.done():
+                    batch.done.set_result(None)
+                self._hook("on_flush", batch.table, len(batch.rows), seconds)
+                if attempt:
+                    logger.info("ClickHouse insert into %s succeeded after %d attempts", batch.table, attempt + 1)
+                    attempt = 0
+                    delay = self.retry_initial_seconds
+            if durations:
+                async with self._drained:
+                    self._drained.notify_all()
+            if exc is None:
+                continue
+            failed = batches[len(durations)]
             attempt += 1
+            logger.error(
+                "ClickHouse insert into %s failed (%d rows, attempt %d, token %s); retrying in %.2fs: %s",
+                failed.table, len(failed.rows), attempt, failed.token, delay, exc, exc_info=exc,
+            )
+            self._hook("on_failure", failed.table, exc)
+            self._hook("on_retry", failed.table, attempt, delay)
+            if self._factory is not None:
+                self._drop_client()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.retry_max_seconds)
+
+    def _insert_run(self, batches: list[_Batch]) -> tuple[list[float], BaseException | None]:
+        """Runs in the executor thread: insert ``batches`` in order, stop at the first failure.
+        Returns the seconds of each successful insert and the failure (None when all succeeded)."""
+        durations: list[float] = []
+        for batch in batches:
             started = time.monotonic()
             try:
-                await self._loop.run_in_executor(self._executor, self._insert_sync, batch)
-            except asyncio.CancelledError:
-                raise
+                self._insert_sync(batch)
             except Exception as exc:
-                logger.error(
-                    "ClickHouse insert into %s failed (%d rows, attempt %d, token %s); retrying in %.2fs: %s",
-                    batch.table, len(batch.rows), attempt, batch.token, delay, exc, exc_info=exc,
-                )
-                self._hook("on_failure", batch.table, exc)
-                self._hook("on_retry", batch.table, attempt, delay)
-                if self._factory is not None:
-                    self._drop_client()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max_seconds)
-                continue
-            self._hook("on_flush", batch.table, len(batch.rows), time.monotonic() - started)
-            if attempt > 1:
-                logger.info("ClickHouse insert into %s succeeded after %d attempts", batch.table, attempt)
-            return
+                return durations, exc
+            durations.append(time.monotonic() - started)
+        return durations, None
 
     def _insert_sync(self, batch: _Batch) -> None:
         """Runs in the executor thread."""

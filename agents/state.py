@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,6 +31,24 @@ log = logging.getLogger(__name__)
 #: Sorts before every table key (keys are ids in UTF-8); never returned by iteration.
 MARKER_KEY = b"\x00sendtrail:changelog-offset"
 RECOVERY_CHUNK = 5000
+
+
+def _merge(stored: Iterator[tuple[bytes, bytes]], overlay: dict[bytes, bytes | None]
+           ) -> Iterator[tuple[bytes, bytes]]:
+    """Stored items with the overlay's writes applied (``None`` deletes), in key order."""
+    pending = sorted(overlay)
+    i = 0
+    for key, value in stored:
+        while i < len(pending) and pending[i] < key:
+            if overlay[pending[i]] is not None:
+                yield pending[i], overlay[pending[i]]
+            i += 1
+        if key in overlay:
+            continue
+        yield key, value
+    for k in pending[i:]:
+        if overlay[k] is not None:
+            yield k, overlay[k]
 
 
 def changelog_topic(group: str, table: str) -> str:
@@ -88,10 +107,13 @@ class PartitionStore:
 
 
 class StateTables:
-    """The worker's tables by name and partition, with staged writes and changelog recovery.
+    """The worker's tables by name and partition, with layered staged writes and changelog recovery.
 
-    Reads (:meth:`get`, :meth:`items`) see the local store only: callers keep their own
-    per-batch cache of what they changed, and stage the final values with :meth:`put`.
+    Writes are staged with :meth:`put` into the open layer; :meth:`seal` closes it (one layer
+    per batch) and :meth:`commit_layer` makes the oldest sealed layer durable. Reads
+    (:meth:`get`, :meth:`items`) see the open layer, then the sealed layers newest first, then
+    the local store: a batch sees the state left by the batches before it while their effects
+    and state are still being made durable.
     """
 
     def __init__(self, root: Path, group: str, tables: list[str]) -> None:
@@ -99,7 +121,8 @@ class StateTables:
         self.group = group
         self.tables = list(tables)
         self._stores: dict[tuple[str, int], PartitionStore] = {}
-        self._staged: dict[tuple[str, int], dict[bytes, bytes | None]] = {}
+        self._open: dict[tuple[str, int], dict[bytes, bytes | None]] = {}
+        self._layers: deque[dict[tuple[str, int], dict[bytes, bytes | None]]] = deque()
 
     def topic(self, table: str) -> str:
         return changelog_topic(self.group, table)
@@ -113,36 +136,76 @@ class StateTables:
         return store
 
     def get(self, table: str, partition: int, key: bytes) -> bytes | None:
+        if self._open or self._layers:
+            tp = (table, partition)
+            writes = self._open.get(tp)
+            if writes is not None and key in writes:
+                return writes[key]
+            for layer in reversed(self._layers):
+                writes = layer.get(tp)
+                if writes is not None and key in writes:
+                    return writes[key]
         return self.store(table, partition).get(key)
 
     def items(self, table: str, partition: int, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
-        return self.store(table, partition).items(prefix)
+        """Keys and values in key order (optionally those starting with ``prefix``), staged writes included."""
+        stored = self.store(table, partition).items(prefix)
+        tp = (table, partition)
+        overlay: dict[bytes, bytes | None] = {}
+        for writes in (*(layer.get(tp) for layer in self._layers), self._open.get(tp)):
+            if writes:
+                overlay.update((k, v) for k, v in writes.items() if k.startswith(prefix))
+        return _merge(stored, overlay) if overlay else stored
 
     def put(self, table: str, partition: int, key: bytes, value: bytes | None) -> None:
-        """Stage a write (``None`` deletes); it takes effect at :meth:`commit`."""
-        self._staged.setdefault((table, partition), {})[key] = value
+        """Stage a write (``None`` deletes) in the open layer."""
+        writes = self._open.get((table, partition))
+        if writes is None:
+            writes = self._open[(table, partition)] = {}
+        writes[key] = value
 
     @property
     def staged(self) -> int:
-        return sum(len(w) for w in self._staged.values())
+        """Writes staged and not yet durable (open and sealed layers)."""
+        return sum(len(w) for layer in (*self._layers, self._open) for w in layer.values())
+
+    def seal(self) -> dict:
+        """Close the open layer (the batch's writes) and return it, for :meth:`commit_layer`."""
+        layer, self._open = self._open, {}
+        self._layers.append(layer)
+        return layer
 
     def discard(self) -> None:
-        self._staged.clear()
+        """Drop every staged write, open and sealed (a failed batch is replayed from Kafka)."""
+        self._open = {}
+        self._layers.clear()
 
     async def commit(self, producer: Any) -> int:
-        """Changelog first (acknowledged), then the local stores with their markers; returns the
-        number of records written. ``producer`` is an :class:`agents.produce.BatchProducer`. On a
-        failed send nothing is applied locally and the staged writes stay (retry or discard)."""
-        if not self._staged:
+        """Seal the open layer and commit it (and any older sealed one)."""
+        self.seal()
+        written = 0
+        while self._layers:
+            written += await self.commit_layer(self._layers[0], producer)
+        return written
+
+    async def commit_layer(self, layer: dict, producer: Any) -> int:
+        """Make the oldest sealed layer durable: changelog first (acknowledged), then the local
+        stores with their markers; returns the number of records written. ``producer`` is an
+        :class:`agents.produce.BatchProducer`. On a failed send nothing is applied locally and the
+        layer stays (retry, or :meth:`discard`)."""
+        if not self._layers or self._layers[0] is not layer:
+            raise RuntimeError("state layers must be committed in the order they were sealed")
+        if not layer:
+            self._layers.popleft()
             return 0
         last = await producer.send_all(
             (self.topic(table), key, value, partition)
-            for (table, partition), writes in self._staged.items() for key, value in writes.items())
+            for (table, partition), writes in layer.items() for key, value in writes.items())
         written = 0
-        for (table, partition), writes in self._staged.items():
+        for (table, partition), writes in layer.items():
             self.store(table, partition).write(writes, last[(self.topic(table), partition)])
             written += len(writes)
-        self._staged.clear()
+        self._layers.popleft()
         return written
 
     async def recover(self, consumer: Any, partitions: list[tuple[str, int]]) -> dict[str, int]:

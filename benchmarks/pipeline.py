@@ -457,12 +457,16 @@ async def run_latency(bootstrap: str, prefix: str, partitions: int, work: Path, 
                     raise TimeoutError("latency worker not caught up")
                 await asyncio.sleep(0.5)
         text = w.get("/metrics")[1].decode(errors="replace")
+        (w.dir / "metrics.txt").write_text(text)
     finally:
         w.stop()
     buckets = histogram_buckets(text, LATENCY_METRIC)
+    batches = histogram_buckets(text, "sendtrail_batch_duration_seconds")
     return {"target_rate": round(rate, 1), "achieved_rate": round(achieved, 1), "events": len(events),
             "observations": int(buckets[-1][1]) if buckets else 0,
-            "p50_s": quantile(buckets, 0.50), "p99_s": quantile(buckets, 0.99), "loadavg": load}
+            "p50_s": quantile(buckets, 0.50), "p99_s": quantile(buckets, 0.99), "loadavg": load,
+            "batches": int(batches[-1][1]) if batches else 0,
+            "batch_p50_s": quantile(batches, 0.50), "batch_p99_s": quantile(batches, 0.99)}
 
 
 def histogram_buckets(text: str, name: str) -> list[tuple[float, float]]:
@@ -497,6 +501,16 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
 # ---- the run -------------------------------------------------------------------------------------
 
 
+async def latency_only(args, work: Path, bootstrap: str, run: str, events, result: dict) -> dict:
+    rate = args.latency_only
+    n = min(len(events), max(1000, int(rate * args.latency_seconds)))
+    lat = await run_latency(bootstrap, f"bench.{run}.latency.", args.partitions, work, events[:n], rate, args.timeout)
+    result["latency"] = lat
+    say(f"latency at {_n(lat['achieved_rate'])} events/s for {n} events: p50 {lat['p50_s']} s, p99 {lat['p99_s']} s "
+        f"over {lat['observations']} observations (load average {lat['loadavg']}; target p99 < 2 s)")
+    return result
+
+
 def make_workload(target: int, seed: int):
     from streams.generator import generate
 
@@ -518,6 +532,9 @@ async def main_async(args, work: Path, bootstrap: str) -> dict:
     say(f"workload: {total} events ({contacts} contacts, seed {args.seed}) generated in "
         f"{time.perf_counter() - t:.1f}s; cores: {os.cpu_count()}; load average: {loadavg()}")
     run = uuid.uuid4().hex[:8]
+
+    if args.latency_only:
+        return await latency_only(args, work, bootstrap, run, events, result)
 
     main_prefix = f"bench.{run}.main."
     await create_topics(bootstrap, main_prefix, args.partitions)
@@ -591,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--latency-seconds", type=float, default=60.0, help="paced run length; 0 skips it")
     ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument("--latency-only", type=float, metavar="RATE",
+                    help="only the latency measurement, paced at RATE events/s (skips a, b, c and scaling)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="per measurement")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (worker logs)")
     # internal: the bare Faust subprocess

@@ -122,6 +122,25 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+#: Report counters (migration 009; rows built by ``streams.counters``): latest-state rows per (key,
+#: source partition) that the stream processor keeps. Apart from TABLE_COLUMNS until the worker writes
+#: them (see docs/report-queries.md, "Counters kept by the processor"); pass
+#: ``column_names=COUNTER_TABLE_COLUMNS[table]`` to :func:`insert`.
+COUNTER_TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "mailing_counters": (
+        "mailing_id", "channel", "automation_id", "step_index", "partition", "total_sent", "delivered",
+        "opened", "clicked", "bounced", "dropped", "deferred", "spam_reports", "unsubscribed", "_version",
+    ),
+    "node_counters": (
+        "automation_id", "step_index", "partition", "done", "waiting", "filtered", "stopped", "_version",
+    ),
+    "status_counters": (
+        "automation_id", "status", "partition", "runs", "contacts", "ignored_enrollments", "completed",
+        "in_progress", "not_started", "left_runs", "_version",
+    ),
+    "counter_coverage": ("counters", "partition", "partitions", "_version"),
+}
+
 #: Settings sent with every insert (the dedup token is added per insert).
 INSERT_SETTINGS: Mapping[str, Any] = {"async_insert": 0, "insert_deduplicate": 1}
 
@@ -252,13 +271,15 @@ def insert(
 
 def rows_from_dicts(names: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> list[tuple]:
     """Dict rows as tuples in ``names`` order. Missing keys are ``None``; unknown keys raise ``ValueError``."""
-    known = set(names)
+    known = frozenset(names)
+    names = tuple(names)
     out = []
+    append = out.append
     for row in rows:
-        extra = set(row) - known
-        if extra:
+        if not row.keys() <= known:
+            extra = set(row) - known
             raise ValueError(f"unknown column(s) {sorted(extra)}; expected some of {list(names)}")
-        out.append(tuple(row.get(n) for n in names))
+        append(tuple(map(row.get, names)))
     return out
 
 

@@ -363,6 +363,9 @@ def test_webhook_without_a_configured_secret_is_counted_not_configured(observed)
     assert prom.value('sendtrail_webhook_request_duration_seconds_count{job="sendtrail", provider="sendgrid"}') == 1.0
     prom.wait_value('sum(sendtrail_api_requests_total{job="sendtrail", route="/readyz"})',
                     lambda v: v is not None and v >= 1, timeout=30)
+    # a scrape counts itself only in the next scrape's figures
+    prom.wait_value('sum(sendtrail_api_requests_total{job="sendtrail", route="/metrics"})',
+                    lambda v: v is not None and v >= 1, timeout=30)
     api = prom.by('sum by (route) (sendtrail_api_requests_total{job="sendtrail"})', "route")
     assert api.get("/webhooks/{provider}") == 1 and api.get("/metrics", 0) >= 1, api
 

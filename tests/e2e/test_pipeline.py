@@ -10,6 +10,7 @@ from collections import Counter
 import orjson
 import pytest
 
+from agents.runtime import CLEAN
 from sendtrail.cli import produce
 from streams.generator import generate
 from tests.e2e.harness import WorkerProcess, compare_with_oracle, consume_all, read_end_state
@@ -54,6 +55,15 @@ def test_generated_workload_matches_the_oracle_exactly(worker):
     worker.stop()
     state = _assert_exact(worker, workload.oracle)
     assert len(state["recipients"]) > CONTACTS  # a real workload, not an empty one
+    # a clean stop says so in its commits: its successor replays nothing
+    commits = _commits(worker)
+    assert commits and all(meta == CLEAN for _, meta in commits.values()), commits
+
+
+def _commits(worker: WorkerProcess) -> dict:
+    from agents.offsets import committed_metadata
+
+    return asyncio.run(committed_metadata(worker.settings))
 
 
 def _processed(worker: WorkerProcess) -> float:
@@ -95,6 +105,8 @@ def test_sigkill_mid_stream_is_still_exact(worker, seed):
         _produce(worker, events[i * quarter:(i + 1) * quarter])
         worker.start()
         _kill_mid_batch(worker, rng.uniform(0.4, 1.2) * quarter)
+        commits = _commits(worker)
+        assert commits and not any(meta == CLEAN for _, meta in commits.values()), commits  # a crash is no clean stop
         if i == 2:
             shutil.rmtree(worker.tmp / "data" / "state")
     _produce(worker, events[3 * quarter:])

@@ -75,10 +75,56 @@ def test_a_failed_changelog_send_applies_nothing_locally(tmp_path):
     tables.put("messages", 1, b"m", b"new")
     with pytest.raises(ConnectionError):
         asyncio.run(tables.commit(FakeProducer(fail_topic=changelog_topic("g", "messages"))))
-    assert tables.get("enrollments", 1, b"k") is None and tables.get("messages", 1, b"m") is None
+    assert tables.store("enrollments", 1).get(b"k") is None and tables.store("messages", 1).get(b"m") is None
     assert tables.store("enrollments", 1).marker == -1
+    assert tables.get("enrollments", 1, b"k") == b"new"  # still staged, for a retry
     tables.discard()
     assert tables.staged == 0
+    assert tables.get("enrollments", 1, b"k") is None
+    tables.close()
+
+
+def test_a_batch_reads_the_sealed_layers_of_earlier_batches_until_they_are_committed(tmp_path):
+    tables = StateTables(tmp_path, "g", ["enrollments"])
+    producer = FakeProducer()
+    tables.put("enrollments", 0, b"a\x1f1", b"stored")
+    tables.put("enrollments", 0, b"a\x1f2", b"stored")
+    tables.put("enrollments", 0, b"b\x1f1", b"other automation")
+    asyncio.run(tables.commit(producer))
+    # batch 1: changes one key, deletes another, adds a third
+    tables.put("enrollments", 0, b"a\x1f1", b"batch1")
+    tables.put("enrollments", 0, b"a\x1f2", None)
+    tables.put("enrollments", 0, b"a\x1f0", b"batch1")
+    first = tables.seal()
+    # batch 2 sees batch 1 over the store, and its own open writes over both
+    assert tables.get("enrollments", 0, b"a\x1f1") == b"batch1"
+    assert tables.get("enrollments", 0, b"a\x1f2") is None
+    tables.put("enrollments", 0, b"a\x1f1", b"batch2")
+    tables.put("enrollments", 0, b"a\x1f3", b"batch2")
+    assert tables.get("enrollments", 0, b"a\x1f1") == b"batch2"
+    assert list(tables.items("enrollments", 0, b"a\x1f")) == [
+        (b"a\x1f0", b"batch1"), (b"a\x1f1", b"batch2"), (b"a\x1f3", b"batch2")]
+    assert [k for k, _ in tables.items("enrollments", 0)] == [b"a\x1f0", b"a\x1f1", b"a\x1f3", b"b\x1f1"]
+    second = tables.seal()
+    with pytest.raises(RuntimeError, match="order"):
+        asyncio.run(tables.commit_layer(second, producer))
+    asyncio.run(tables.commit_layer(first, producer))
+    store = tables.store("enrollments", 0)
+    assert store.get(b"a\x1f1") == b"batch1" and store.get(b"a\x1f2") is None  # only batch 1 is durable
+    assert tables.get("enrollments", 0, b"a\x1f1") == b"batch2"
+    asyncio.run(tables.commit_layer(second, producer))
+    assert store.get(b"a\x1f1") == b"batch2" and tables.staged == 0
+    tables.close()
+
+
+def test_discard_drops_every_uncommitted_layer(tmp_path):
+    tables = StateTables(tmp_path, "g", ["messages"])
+    tables.put("messages", 3, b"m", b"one")
+    tables.seal()
+    tables.put("messages", 3, b"m", b"two")
+    tables.discard()
+    assert tables.get("messages", 3, b"m") is None and list(tables.items("messages", 3)) == []
+    assert asyncio.run(tables.commit(FakeProducer())) == 0
     tables.close()
 
 
