@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
+import itertools
 import logging
 import os
 import time
@@ -213,7 +213,7 @@ class Pipeline:
     async def _write_rows(self, rows: dict[str, list]) -> None:
         if rows:
             for table_name, table_rows in rows.items():
-                await self.sink.write(table_name, table_rows, content_token(table_name, table_rows))
+                await self.sink.write(table_name, table_rows, write_token(table_name))
             await self.sink.flush()
 
     async def finish(self, ctx: "Batch") -> None:
@@ -482,16 +482,20 @@ class Pipeline:
 _TOKEN_SALT = os.urandom(8).hex()
 
 
-def content_token(table: str, rows: list[dict]) -> str:
-    """The insert deduplication token of a write: a hash of the rows themselves (and the process salt).
+_WRITE_SEQ = itertools.count(1)
 
-    ClickHouse drops an insert whose token it has seen, whatever its rows, so the
-    token must identify the content. Source offsets do not: a replayed batch can
-    start and end at the same offsets and hold other events in between (batches mix
-    topics and partitions), and its rows would be silently dropped. Within a process the
-    token is stable, so the sink's retry of an insert whose answer was lost is dropped.
+
+def write_token(table: str) -> str:
+    """The insert deduplication token of one write: unique in this process (salt and sequence).
+
+    ClickHouse drops an insert whose token it has seen, whatever its rows, so a token must never
+    stand for two different contents. The sink reuses a batch's token when it retries the same
+    rows (an insert whose answer was lost is then dropped); anything written again by a replay
+    is a new write with a new token (the rows are idempotent: stable keys and versions). The
+    salt keeps a restarted process from meeting a token its predecessor logged for a part
+    that a SIGKILL lost.
     """
-    return f"{table}:{_TOKEN_SALT}:{hashlib.blake2b(orjson.dumps(rows), digest_size=16).hexdigest()}"
+    return f"{table}:{_TOKEN_SALT}:{next(_WRITE_SEQ)}"
 
 
 def engine_automation(replica: dict | None) -> dict | None:

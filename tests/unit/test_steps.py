@@ -100,14 +100,13 @@ def test_message_step_logs_provider_events_and_writes_the_message_once_registere
     assert [o["type"] for o in m2.output.to_contacts] == ["outcome.settled"]
 
 
-def test_insert_tokens_identify_row_content():
-    from agents.app import content_token
+def test_insert_tokens_are_unique_per_write_and_process():
+    from agents.app import _TOKEN_SALT, write_token
 
-    rows = [{"a": 1, "b": "x"}, {"a": 2, "b": None}]
-    assert content_token("t", rows) == content_token("t", [dict(r) for r in rows])
-    assert content_token("t", rows) != content_token("t", rows[:1])
-    assert content_token("t", rows) != content_token("u", rows)
-    assert content_token("t", rows) != content_token("t", [rows[0], {"a": 2, "b": "y"}])
+    tokens = [write_token("messages") for _ in range(1000)] + [write_token("recipients")]
+    assert len(set(tokens)) == len(tokens)  # a token never stands for two different writes
+    assert all(t.startswith(f"messages:{_TOKEN_SALT}:") for t in tokens[:-1])
+    assert tokens[-1].startswith(f"recipients:{_TOKEN_SALT}:")
 
 
 def _fold(*row_batches: dict) -> dict:
