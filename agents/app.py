@@ -70,6 +70,8 @@ class Batch:
     events: list = field(default_factory=list)  # the records of the batch, for the latency metric
     replay_until: dict = field(default_factory=dict)  # TopicPartition -> first offset not replayed
     state_writers: list = field(default_factory=list)  # stage the batch's state, once it is processed
+    consumed: dict = field(default_factory=dict)  # (topic, event type) -> valid events, for the metrics
+    transitions: dict = field(default_factory=dict)  # (kind, from, to) -> status changes, for the metrics
 
 
 TABLES_BY_KIND = {
@@ -135,6 +137,11 @@ class Pipeline:
             self.process_messages(ctx, by_kind["message"])
         for write_state in ctx.state_writers:
             write_state()
+        metrics = self.metrics
+        for (topic, type_), n in ctx.consumed.items():
+            metrics.consumed(topic, type_, n)
+        for (kind, from_status, to_status), n in ctx.transitions.items():
+            metrics.transition(kind, from_status, to_status, n)
         return ctx
 
     @staticmethod
@@ -159,7 +166,8 @@ class Pipeline:
         if isinstance(parsed, Rejection):
             self._dead_letter(ctx, rec, contract_topic, parsed)
             return None
-        self.metrics.consumed(contract_topic, parsed["type"])
+        key = (contract_topic, parsed["type"])
+        ctx.consumed[key] = ctx.consumed.get(key, 0) + 1
         return parsed
 
     def _dead_letter(self, ctx: "Batch", rec: Any, contract_topic: str, rejection: Rejection) -> None:
@@ -189,8 +197,10 @@ class Pipeline:
         self.metrics.dead_letter_produced(contract_topic)
 
     def _queue_output(self, ctx: "Batch", out: steps.Output) -> None:
+        transitions = ctx.transitions
         for change in out.changes:
-            self.metrics.transition(change["kind"], change.get("from"), change["to"])
+            key = (change["kind"], change.get("from"), change["to"])
+            transitions[key] = transitions.get(key, 0) + 1
             ctx.sends.append((self.status_out, (change.get("contact_id") or "").encode(),
                               _dumps(_wire_change(dict(change))), None))
         for reg in out.to_messages:

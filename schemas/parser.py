@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from typing import Any, Callable
 
 import orjson
@@ -106,7 +106,6 @@ _fromiso = datetime.fromisoformat
 _UNIX_DAY = 719163  # date(1970, 1, 1).toordinal()
 _MIN_MS = (date(TIMESTAMP_MIN_YEAR, 1, 1).toordinal() - _UNIX_DAY) * 86_400_000
 _MAX_MS = (date(TIMESTAMP_MAX_YEAR + 1, 1, 1).toordinal() - _UNIX_DAY) * 86_400_000 - 1
-_EPOCH = datetime(1970, 1, 1)
 
 
 def _ts_slow(s: str) -> int | None:
@@ -160,9 +159,28 @@ def parse_timestamp(value: Any) -> int | None:
     return None
 
 
+_SECOND_TEXT: dict[int, str] = {}  # whole unix second -> "YYYY-MM-DDTHH:MM:SS" (events of a batch share a few)
+_SECOND_TEXT_MAX = 4096
+
+
+def second_text(second: int) -> str:
+    """Unix seconds (UTC) as ``YYYY-MM-DDTHH:MM:SS``, cached (a batch's events share few seconds)."""
+    text = _SECOND_TEXT.get(second)
+    if text is None:
+        if len(_SECOND_TEXT) >= _SECOND_TEXT_MAX:
+            _SECOND_TEXT.clear()
+        days, rest = divmod(second, 86400)
+        day = date.fromordinal(_UNIX_DAY + days)
+        minutes, sec = divmod(rest, 60)
+        text = _SECOND_TEXT[second] = (f"{day.year:04d}-{day.month:02d}-{day.day:02d}T"
+                                       f"{minutes // 60:02d}:{minutes % 60:02d}:{sec:02d}")
+    return text
+
+
 def to_rfc3339(ms: int) -> str:
     """Epoch milliseconds to RFC 3339 in UTC with millisecond precision and ``Z``."""
-    return (_EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds") + "Z"
+    second, milli = divmod(ms, 1000)
+    return f"{second_text(second)}.{milli:03d}Z"
 
 
 # --------------------------------------------------------------------------

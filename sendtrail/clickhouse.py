@@ -62,6 +62,7 @@ All statements with values from outside take server-side parameters
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import re
 from pathlib import Path
@@ -273,9 +274,17 @@ def rows_from_dicts(names: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> 
     """Dict rows as tuples in ``names`` order. Missing keys are ``None``; unknown keys raise ``ValueError``."""
     known = frozenset(names)
     names = tuple(names)
+    width = len(names)
+    whole = operator.itemgetter(*names) if width > 1 else None
     out = []
     append = out.append
     for row in rows:
+        if whole is not None and len(row) == width:
+            try:
+                append(whole(row))  # every column present, so no unknown key either
+                continue
+            except KeyError:
+                pass
         if not row.keys() <= known:
             extra = set(row) - known
             raise ValueError(f"unknown column(s) {sorted(extra)}; expected some of {list(names)}")

@@ -12,11 +12,13 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from email.utils import parseaddr
 from typing import Any, Mapping
 
 import orjson
+
+from schemas.parser import second_text as _second_text
 
 SCHEMA_VERSION = 1
 
@@ -191,24 +193,6 @@ def format_dt(dt: datetime) -> str:
     if dt.microsecond:
         text += f".{dt.microsecond:06d}"
     return text + "Z"
-
-
-_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
-_SECOND_TEXT: dict[int, str] = {}  # whole unix second -> "YYYY-MM-DDTHH:MM:SS" (events of a batch share a few)
-_SECOND_TEXT_MAX = 4096
-
-
-def _second_text(second: int) -> str:
-    text = _SECOND_TEXT.get(second)
-    if text is None:
-        if len(_SECOND_TEXT) >= _SECOND_TEXT_MAX:
-            _SECOND_TEXT.clear()
-        days, rest = divmod(second, 86400)
-        day = date.fromordinal(_EPOCH_ORDINAL + days)
-        minutes, sec = divmod(rest, 60)
-        text = _SECOND_TEXT[second] = (f"{day.year:04d}-{day.month:02d}-{day.day:02d}T"
-                                       f"{minutes // 60:02d}:{minutes % 60:02d}:{sec:02d}")
-    return text
 
 
 def epoch_to_rfc3339(value: Any) -> str | None:
