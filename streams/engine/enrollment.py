@@ -349,21 +349,42 @@ def _nodes(run, steps, status) -> dict:
     return nodes
 
 
-def _refresh(state, run, steps, now, ctx, out) -> bool:
+def _refresh(state, run, steps, now, eid, etype, at, out) -> bool:
     """Re-derive a run; append the changes against the last emitted derivation. True if it differs.
 
-    Same derivation as _status and _nodes (inlined: this runs for most events).
+    Same derivation as _status and _nodes (inlined, _open_status and _hold_active included: this
+    runs for most events).
     """
     t = run["terminal"]
-    if "archived_at" in run or (steps is not None and steps[2] is not None):
+    if (steps is not None and steps[2] is not None) or "archived_at" in run:
         status, reason, _src = _status(run, steps, now)
     elif t is not None:
         status = t[2]
         reason = t[3]
     else:
-        status, reason, _src = _open_status(run, steps, now)
+        h = run["hold"]
+        r = None if h is None else run["resumed"]
+        if h is not None and (r is None or h[0] > r[0] or (h[0] == r[0] and h[1] > r[1])) and (
+                h[4] is None or h[4] > now):
+            status = h[2]
+            reason = h[3]
+        elif steps is not None and steps[1] is not None and run["max_done"] >= steps[1] and steps[4] in run["done"]:
+            status = "finished"
+            reason = "completed"
+        else:
+            reason = None
+            if run["needs_enrichment"] and run["enriched_at"] is None:
+                status = "waiting_enrichment"
+            else:
+                lim = run["limit"]
+                if lim is not None and lim[2] is not None:
+                    status = "coworkers_limit" if lim[2] == "coworkers" else "active_limit"
+                elif run["started_at"] is not None:
+                    status = "in_progress"
+                else:
+                    status = "ready"
     done = run["done"]
-    nodes = dict.fromkeys(done, "done") if done else {}
+    nodes = dict.fromkeys(done, "done")
     if t is not None and t[5] == "step.filtered":
         if t[4] is not None:
             nodes[str(t[4])] = "filtered"
@@ -389,7 +410,6 @@ def _refresh(state, run, steps, now, ctx, out) -> bool:
     run["ds"] = status
     run["dr"] = reason
     run["dn"] = nodes
-    eid, etype, at = ctx
     aid = state["automation_id"]
     cid = state["contact_id"]
     rn = run["run"]
@@ -403,20 +423,21 @@ def _refresh(state, run, steps, now, ctx, out) -> bool:
         })
     if onodes != nodes:
         # nodes entered or changed, then nodes left; in step order
-        diff = [k for k, _ in nodes.items() - onodes.items()]
-        diff.extend(onodes.keys() - nodes.keys())
+        get = onodes.get
+        diff = [k for k, v in nodes.items() if get(k) != v]
+        if not onodes.keys() <= nodes.keys():
+            diff.extend(onodes.keys() - nodes.keys())
         if len(diff) > 1:
             diff.sort(key=int)
         prefix = f"{eid}\x1fnode_state\x1f{aid}\x1f{cid}\x1f{rn}\x1f"
         for k in diff:
-            b = nodes.get(k)
-            to = "none" if b is None else b
+            to = nodes.get(k) or "none"
             ki = int(k)
             h = change_hasher()
             h.update(f"{prefix}{ki}\x1fNone\x1f{to}".encode())
             out.append({
                 "kind": "node_state", "automation_id": aid, "contact_id": cid, "run": rn, "step_index": ki,
-                "message_id": None, "from": onodes.get(k), "to": to,
+                "message_id": None, "from": get(k), "to": to,
                 "reason": reason if (to == "stopped" or to == "filtered") else None,
                 "event_id": eid, "event_type": etype, "occurred_at": at, "change_id": h.hexdigest(),
             })
@@ -427,9 +448,14 @@ _MISSING = object()
 
 
 # --------------------------------------------------------------------------- event handlers
-# Each returns (facts_changed, runs_touched).
+# Contact and step events carry no run: the engine picks it (_latest) and hands it to their handler,
+# ``handler(run, event, regs)``, which returns 0 (no fact changed), _CHANGED (a fact changed that the
+# derivation does not see) or _REFRESH (re-derive the run). The others (enrollments, outcomes,
+# fan-outs) return (facts_changed, runs_touched).
 
 _NONE = ()
+_CHANGED = 1
+_REFRESH = 2
 
 
 def _h_enrolled(state, ev, automation, steps, now, regs, run):
@@ -459,83 +485,77 @@ def _h_enrolled(state, ev, automation, steps, now, regs, run):
                 ignored.append(eid)
                 return True, _NONE
             return False, _NONE
+    g = ev.get
     run["enrolled"] = {
         "event_id": eid,
         "at": ev["occurred_at"],
-        "user_id": ev.get("user_id"),
-        "name": ev.get("name"),
-        "email": ev.get("email"),
-        "company": ev.get("company"),
-        "attributes": ev.get("attributes") or {},
+        "user_id": g("user_id"),
+        "name": g("name"),
+        "email": g("email"),
+        "company": g("company"),
+        "attributes": g("attributes") or {},
     }
-    run["needs_enrichment"] = bool(ev.get("needs_enrichment"))
+    run["needs_enrichment"] = bool(g("needs_enrichment"))
     return True, (run,)
 
 
-def _h_enriched(state, ev, automation, steps, now, regs, run):
+def _h_enriched(run, ev, regs):
     at = ev["occurred_at"]
     cur = run["enriched_at"]
     if cur is None or at < cur:
         run["enriched_at"] = at
-        return True, (run,)
-    return False, _NONE
+        return _REFRESH
+    return 0
 
 
 def _terminal_handler(status, fixed_reason, default_reason):
-    def handler(state, ev, automation, steps, now, regs, run):
+    def handler(run, ev, regs):
         reason = fixed_reason or ev.get("reason") or default_reason
         if _set_terminal(run, ev["occurred_at"], ev["event_id"], status, reason, None, ev["type"]):
-            return True, (run,)
-        return False, _NONE
+            return _REFRESH
+        return 0
     return handler
 
 
-def _h_limit_reached(state, ev, automation, steps, now, regs, run):
-    if _set_limit(run, ev["occurred_at"], ev["event_id"], ev.get("limit") or "active"):
-        return True, (run,)
-    return False, _NONE
+def _h_limit_reached(run, ev, regs):
+    return _REFRESH if _set_limit(run, ev["occurred_at"], ev["event_id"], ev.get("limit") or "active") else 0
 
 
-def _h_limit_released(state, ev, automation, steps, now, regs, run):
-    if _set_limit(run, ev["occurred_at"], ev["event_id"], None):
-        return True, (run,)
-    return False, _NONE
+def _h_limit_released(run, ev, regs):
+    return _REFRESH if _set_limit(run, ev["occurred_at"], ev["event_id"], None) else 0
 
 
-def _h_paused(state, ev, automation, steps, now, regs, run):
+def _h_paused(run, ev, regs):
     if _set_hold(run, ev["occurred_at"], ev["event_id"], "paused", ev.get("reason") or "manual", ev.get("resume_at")):
-        return True, (run,)
-    return False, _NONE
+        return _REFRESH
+    return 0
 
 
-def _h_resumed(state, ev, automation, steps, now, regs, run):
-    if _set_resumed(run, ev["occurred_at"], ev["event_id"]):
-        return True, (run,)
-    return False, _NONE
+def _h_resumed(run, ev, regs):
+    return _REFRESH if _set_resumed(run, ev["occurred_at"], ev["event_id"]) else 0
 
 
-def _h_scheduled(state, ev, automation, steps, now, regs, run):
+def _h_scheduled(run, ev, regs):
     at = ev["occurred_at"]
     cur = run["started_at"]
     if cur is None:
         run["started_at"] = at
-        return True, (run,)
+        return _REFRESH
     if at < cur:  # an earlier start: the derivation only depends on whether the run started
         run["started_at"] = at
-        return True, _NONE
-    return False, _NONE
+        return _CHANGED
+    return 0
 
 
-def _h_sent(state, ev, automation, steps, now, regs, run):
+def _h_sent(run, ev, regs):
     at = ev["occurred_at"]
-    eid = ev["event_id"]
     k = int(ev["step_index"])
     cur = run["started_at"]
     if cur is None or at < cur:
         run["started_at"] = at
-        changed = True
+        changed = _REFRESH
     else:
-        changed = False
+        changed = 0
     done = run["done"]
     sk = str(k)
     cur = done.get(sk)
@@ -543,17 +563,18 @@ def _h_sent(state, ev, automation, steps, now, regs, run):
         done[sk] = at
         if k > run["max_done"]:
             run["max_done"] = k
-        changed = True
+        changed = _REFRESH
     mid = ev["message_id"]
     send_at = run["send_at"]
     s = send_at.get(mid)
     if s is None:
+        eid = ev["event_id"]
         run["sends"][mid] = k
         send_at[mid] = at
         run["send_eid"][mid] = eid
-        changed = True
         aid = ev["automation_id"]
-        enrolled = run["enrolled"] or {}
+        enrolled = run["enrolled"]
+        g = ev.get
         regs.append({
             "event_id": eid,
             "type": "message.registered",
@@ -564,47 +585,52 @@ def _h_sent(state, ev, automation, steps, now, regs, run):
             "contact_id": ev["contact_id"],
             "run": run["run"],
             "step_index": k,
-            "mailing_id": ev.get("mailing_id") or f"{aid}:{k}",
-            "subject": ev.get("subject"),
-            "sending_user": ev.get("sending_user"),
-            "sending_email": ev.get("sending_email"),
-            "email": enrolled.get("email"),
-            "name": enrolled.get("name"),
-            "channel": ev.get("channel") or "email",
+            "mailing_id": g("mailing_id") or f"{aid}:{k}",
+            "subject": g("subject"),
+            "sending_user": g("sending_user"),
+            "sending_email": g("sending_email"),
+            "email": None if enrolled is None else enrolled.get("email"),
+            "name": None if enrolled is None else enrolled.get("name"),
+            "channel": g("channel") or "email",
         })
-    elif at < s or (at == s and eid < run["send_eid"][mid]):
-        run["sends"][mid] = k
-        send_at[mid] = at
-        run["send_eid"][mid] = eid
-        changed = True
-    return changed, ((run,) if changed else _NONE)
+        return _REFRESH
+    if at < s:
+        eid = ev["event_id"]
+    elif at == s and (eid := ev["event_id"]) < run["send_eid"][mid]:
+        pass
+    else:
+        return changed
+    run["sends"][mid] = k
+    send_at[mid] = at
+    run["send_eid"][mid] = eid
+    return _REFRESH
 
 
-def _h_filtered(state, ev, automation, steps, now, regs, run):
+def _h_filtered(run, ev, regs):
     at = ev["occurred_at"]
     changed = _set_started(run, at)
     k = ev.get("step_index")
     if _set_terminal(run, at, ev["event_id"], "finished", "filtered", None if k is None else int(k), "step.filtered"):
         changed = True
-    return changed, ((run,) if changed else _NONE)
+    return _REFRESH if changed else 0
 
 
-def _h_not_sent(state, ev, automation, steps, now, regs, run):
+def _h_not_sent(run, ev, regs):
     at = ev["occurred_at"]
     changed = _set_started(run, at)
     if _set_hold(run, at, ev["event_id"], "not_sent", ev.get("reason") or "not_sent", None):
         changed = True
-    return changed, ((run,) if changed else _NONE)
+    return _REFRESH if changed else 0
 
 
-def _h_step_failed(state, ev, automation, steps, now, regs, run):
+def _h_step_failed(run, ev, regs):
     at = ev["occurred_at"]
     changed = _set_started(run, at)
     k = ev.get("step_index")
     if _set_terminal(run, at, ev["event_id"], "failed", ev.get("reason") or "step_failed",
                      None if k is None else int(k), "step.failed"):
         changed = True
-    return changed, ((run,) if changed else _NONE)
+    return _REFRESH if changed else 0
 
 
 def _h_outcome(state, ev, automation, steps, now, regs, run):
@@ -631,10 +657,18 @@ def _h_outcome(state, ev, automation, steps, now, regs, run):
             "reason": ev.get("reason"), "return_at": ev.get("return_at"),
         })
         return True, _NONE
-    if _merge_outcome(run, ev):
-        if (ev["type"] == "outcome.settled" and "archived_at" not in run and (steps is None or steps[2] is None)
-                and run["dn"] is not None):
+    if ev["type"] == "outcome.settled":  # as _merge_outcome
+        mid = ev.get("message_id")
+        at = ev["occurred_at"]
+        settled = run["settled"]
+        cur = settled.get(mid, _MISSING)
+        if cur is not _MISSING and cur <= at:
+            return False, _NONE
+        settled[mid] = at
+        if "archived_at" not in run and (steps is None or steps[2] is None) and run["dn"] is not None:
             return True, _NONE  # settled outcomes only matter to an archive (_archive_terminal): none here
+        return True, (run,)
+    if _merge_outcome(run, ev):
         return True, (run,)
     return False, _NONE
 
@@ -671,8 +705,8 @@ def _h_automation_archived(state, ev, automation, steps, now, regs, run):
     return bool(touched), touched
 
 
-_HANDLERS = {
-    "contact.enrolled": _h_enrolled,
+# Contact and step events (they carry no run, the engine picks it: _latest).
+_RUN_HANDLERS = {
     "contact.enriched": _h_enriched,
     "contact.enrichment_failed": _terminal_handler("failed", None, "enrichment_failed"),
     "contact.duplicate": _terminal_handler("duplicate", "duplicate", None),
@@ -689,6 +723,10 @@ _HANDLERS = {
     "step.filtered": _h_filtered,
     "step.not_sent": _h_not_sent,
     "step.failed": _h_step_failed,
+}
+
+_HANDLERS = {
+    "contact.enrolled": _h_enrolled,
     "outcome.settled": _h_outcome,
     "outcome.bounced": _h_outcome,
     "outcome.unsubscribed": _h_outcome,
@@ -700,9 +738,6 @@ _HANDLERS = {
 }
 
 _FAN_OUT = frozenset({"automation.paused", "automation.resumed", "automation.archived"})
-# Contact and step events: they carry no run, the engine picks it (_latest).
-_RUN_LESS = frozenset(t for t in _HANDLERS if (t.startswith("contact.") or t.startswith("step."))
-                      and t != "contact.enrolled")
 
 
 def _fan_out(inner):
@@ -736,30 +771,31 @@ def _auto_resume(state, steps, old_now, now, out, inclusive_all=False) -> bool:
             continue
         ra = h[4]
         if ra is not None and ra <= now and (inclusive_all or ra > old_now):
-            if _refresh(state, run, steps, now, ("auto:" + h[1], AUTO_RESUME_TYPE, ra), out):
+            if _refresh(state, run, steps, now, "auto:" + h[1], AUTO_RESUME_TYPE, ra, out):
                 changed = True
     return changed
 
 
 def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int | None = None) -> Result:
     etype = event["type"]
-    handler = _HANDLERS.get(etype)
     if state is None:
         state = _new_state(event)
+        runs = state["runs"]
     else:
         runs = state["runs"]
         if runs and "d" in runs[0]:
             _upgrade(state)
     at = event["occurred_at"]
     old_now = state["now"]
-    now = old_now
-    if at > now:
-        now = at
+    now = at if at > old_now else old_now
     if now_ms is not None and now_ms > now:
         now = now_ms
-    if handler is None:
-        state["now"] = now
-        return Result(state, False, [], [])
+    run_handler = _RUN_HANDLERS.get(etype)
+    if run_handler is None:
+        handler = _HANDLERS.get(etype)
+        if handler is None:
+            state["now"] = now
+            return Result(state, False, [], [])
     if automation is None:
         steps = None
     else:
@@ -768,7 +804,6 @@ def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int 
     changes: list = []
     regs: list = []
     changed = False
-    runs = state["runs"]
     if now != old_now:
         state["now"] = now
         for r in runs:
@@ -776,28 +811,40 @@ def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int 
             if h is not None:  # auto-resume holds whose resume_at passed (as _auto_resume)
                 ra = h[4]
                 if ra is not None and old_now < ra <= now:
-                    if _refresh(state, r, steps, now, ("auto:" + h[1], AUTO_RESUME_TYPE, ra), changes):
+                    if _refresh(state, r, steps, now, "auto:" + h[1], AUTO_RESUME_TYPE, ra, changes):
                         changed = True
-    n_runs = len(runs)
-    run = None
-    if etype in _RUN_LESS:
-        run = runs[0] if n_runs == 1 else _latest(state, at)
+    if run_handler is not None:
+        if len(runs) == 1:
+            run = runs[0]
+            code = run_handler(run, event, regs)
+        else:
+            n_runs = len(runs)
+            run = _latest(state, at)
+            code = run_handler(run, event, regs)
+            if len(runs) != n_runs:  # the run was created (maybe with orphan outcomes merged into it)
+                code = _REFRESH
         if at > run["last_at"]:
             run["last_at"] = at
             changed = True
-    facts_changed, touched = handler(state, event, automation, steps, now, regs, run)
-    if len(runs) != n_runs:  # a run was created (maybe with orphan outcomes merged into it)
-        facts_changed = True
-        touched = list(touched)
-        for r in runs[n_runs:]:
-            if r not in touched:
-                touched.append(r)
-    if facts_changed:
-        changed = True
-        if touched:
-            ctx = (event["event_id"], etype, at)
-            for r in touched:
-                _refresh(state, r, steps, now, ctx, changes)
+        if code:
+            changed = True
+            if code == _REFRESH:
+                _refresh(state, run, steps, now, event["event_id"], etype, at, changes)
+    else:
+        n_runs = len(runs)
+        facts_changed, touched = handler(state, event, automation, steps, now, regs, None)
+        if len(runs) != n_runs:  # a run was created (maybe with orphan outcomes merged into it)
+            facts_changed = True
+            touched = list(touched)
+            for r in runs[n_runs:]:
+                if r not in touched:
+                    touched.append(r)
+        if facts_changed:
+            changed = True
+            if touched:
+                eid = event["event_id"]
+                for r in touched:
+                    _refresh(state, r, steps, now, eid, etype, at, changes)
     if changed:
         state["version"] += 1
     return Result(state, changed, changes, regs)

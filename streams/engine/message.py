@@ -11,6 +11,7 @@ State layout (JSON-serializable)::
      "bounce": {class: [at, event_id]},      # earliest per bounce class (hard/block/soft/unknown)
      "auto": None | [at, event_id, return_at],   # earliest auto-reply
      "opens": {event_id: 1}, "clicks": {event_id: 1},   # <= 10,000 each
+     # bounce, opens and clicks only from their first use on (absent: empty)
      "email": first provider-reported address (fallback for the row),
      "status": status last emitted (None until the send is known),
      "version": int}
@@ -19,7 +20,9 @@ A flag's fact is split over two flat maps (``f`` and ``fe``) rather than kept as
 ``[at, event_id]`` list per flag: maps of plain values are cheaper to (de)serialize and are not
 tracked by Python's cycle collector, which otherwise walks every such list of every live state.
 States written before the split (``f`` holding ``{flag: [at, event_id]}``, no ``fe``) are
-converted when first read (_upgrade).
+converted when first read (_upgrade). For the same reasons ``bounce``, ``opens`` and ``clicks`` are
+not stored while empty (most messages never get one: three fewer dicts to allocate, collect and
+(de)serialize per message); states that hold them empty (written before) read the same.
 """
 from __future__ import annotations
 
@@ -79,15 +82,17 @@ def key_of(event: dict) -> str:
 
 
 def _new_state(mid) -> dict:
-    return {"message_id": mid, "send": None, "f": {}, "fe": {}, "bounce": {}, "auto": None, "opens": {},
-            "clicks": {}, "email": None, "status": None, "version": 0}
+    return {"message_id": mid, "send": None, "f": {}, "fe": {}, "auto": None, "email": None, "status": None, "version": 0}
 
 
 def _upgrade(state: dict) -> None:
-    """Convert a state of the earlier layout (``f``: {flag: [at, event_id]}) in place."""
+    """Convert a state of the earlier layout (``f``: {flag: [at, event_id]}, empty maps stored) in place."""
     old = state["f"]
     state["f"] = {k: v[0] for k, v in old.items()}
     state["fe"] = {k: v[1] for k, v in old.items()}
+    for k in ("bounce", "opens", "clicks"):  # not stored while empty (module docstring)
+        if k in state and not state[k]:
+            del state[k]
 
 
 def _status(f: dict):
@@ -111,7 +116,7 @@ def _bounced_fact(state, f, fe):
 
     A hard (else block) bounce, or a spam report when it is earlier.
     """
-    bounce = state["bounce"]
+    bounce = state.get("bounce")
     b = None
     if bounce:
         h = bounce.get("hard")
@@ -193,7 +198,7 @@ def _status_change(state, send, old, status, event, etype) -> dict:
         "message_id": mid,
         "from": old,
         "to": status,
-        "reason": _bounce_class(state["bounce"]) if status == "bounced" else None,
+        "reason": _bounce_class(state.get("bounce") or ()) if status == "bounced" else None,
         "event_id": eid,
         "event_type": etype,
         "occurred_at": event["occurred_at"],
@@ -288,7 +293,10 @@ def apply(state: dict | None, event: dict) -> Result:
     sflag = _SETTLES.get(flag)
     settle_moved = flag_changed and sflag is not None  # the settling flag got earlier
     if flag == "opened" or flag == "clicked":
-        seen = state["opens" if flag == "opened" else "clicks"]
+        skey = "opens" if flag == "opened" else "clicks"
+        seen = state.get(skey)
+        if seen is None:
+            state[skey] = seen = {}
         if eid not in seen and len(seen) < COUNT_CAP:
             seen[eid] = 1
             changed = True
@@ -306,7 +314,9 @@ def apply(state: dict | None, event: dict) -> Result:
         else:
             settle_moved = False
     elif flag == "bounced":
-        bounce = state["bounce"]
+        bounce = state.get("bounce")
+        if bounce is None:
+            state["bounce"] = bounce = {}
         cls = event.get("bounce_class")
         if cls not in _BOUNCE_SEVERITY:
             cls = "unknown"
@@ -401,8 +411,8 @@ def view(state: dict) -> dict | None:
     }
     for name in FLAGS:
         row[name + "_at"] = f.get(name)
-    row["bounce_class"] = _bounce_class(state["bounce"])
-    row["opens"] = len(state["opens"])
-    row["clicks"] = len(state["clicks"])
+    row["bounce_class"] = _bounce_class(state.get("bounce") or ())
+    row["opens"] = len(state.get("opens") or ())
+    row["clicks"] = len(state.get("clicks") or ())
     row["version"] = state["version"]
     return row
