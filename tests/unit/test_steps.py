@@ -178,3 +178,16 @@ def test_a_message_snapshot_outranks_every_earlier_row_of_the_message():
     (row,) = steps.message_snapshot(state).rows["messages"]
     assert row["_version"] > max(r["_version"] for r in rows) and row["status"] == rows[-1]["status"]
     assert state["version"] == row["_version"]  # the state keeps the bumped version
+
+
+def test_an_archived_automation_gives_the_engine_one_definition_object():
+    from agents.app import engine_automation
+
+    replica = {"defn": {"automation_id": "a1", "steps": []}, "archived_at": 5}
+    first = engine_automation(replica)
+    assert first == {"automation_id": "a1", "steps": [], "archived_at": 5}
+    assert engine_automation(replica) is first  # built once, not per event
+    other = {"defn": {"automation_id": "a1", "steps": []}, "archived_at": 9}
+    assert engine_automation(other)["archived_at"] == 9
+    live = {"defn": {"automation_id": "a2"}}
+    assert engine_automation(live) is live["defn"] and engine_automation(None) is None
