@@ -123,25 +123,6 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-#: Report counters (migration 009; rows built by ``streams.counters``): latest-state rows per (key,
-#: source partition) that the stream processor keeps. Apart from TABLE_COLUMNS until the worker writes
-#: them (see docs/report-queries.md, "Counters kept by the processor"); pass
-#: ``column_names=COUNTER_TABLE_COLUMNS[table]`` to :func:`insert`.
-COUNTER_TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "mailing_counters": (
-        "mailing_id", "channel", "automation_id", "step_index", "partition", "total_sent", "delivered",
-        "opened", "clicked", "bounced", "dropped", "deferred", "spam_reports", "unsubscribed", "_version",
-    ),
-    "node_counters": (
-        "automation_id", "step_index", "partition", "done", "waiting", "filtered", "stopped", "_version",
-    ),
-    "status_counters": (
-        "automation_id", "status", "partition", "runs", "contacts", "ignored_enrollments", "completed",
-        "in_progress", "not_started", "left_runs", "_version",
-    ),
-    "counter_coverage": ("counters", "partition", "partitions", "_version"),
-}
-
 #: Settings sent with every insert (the dedup token is added per insert).
 INSERT_SETTINGS: Mapping[str, Any] = {"async_insert": 0, "insert_deduplicate": 1}
 

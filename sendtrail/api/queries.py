@@ -152,6 +152,12 @@ class Where:
         return f"{keyword} " + " AND ".join(self.parts) if self.parts else ""
 
 
+def _without(where: Where, fixed: Where) -> Where:
+    """The conditions of ``where`` that are not in ``fixed``, with their parameters."""
+    return Where([x for x in where.parts if x not in fixed.parts],
+                 {k: v for k, v in where.params.items() if k not in fixed.params})
+
+
 @dataclass(frozen=True)
 class Page:
     limit: int = 50
@@ -196,12 +202,174 @@ class Queries:
         rows = await self.deps.query(sql, dict(params))
         return rows[0][0] if rows else None
 
-    async def _page_total(self, page: "Page", n_rows: int, count_sql: str, params: Mapping[str, Any]) -> int:
-        """The total of a list whose page has ``n_rows`` rows: known without counting when the page is
-        not full (it is the last page), else ``count_sql`` (a ``SELECT count()``)."""
+    @staticmethod
+    def _known_total(page: "Page", n_rows: int) -> int | None:
+        """The total of a list whose page has ``n_rows`` rows when it is known without counting: the page
+        is not full (it is the last page) or the first page is empty; else None."""
         if 0 < n_rows < page.limit or (n_rows == 0 and page.offset == 0):
             return page.offset + n_rows
+        return None
+
+    async def _page_total(self, page: "Page", n_rows: int, count_sql: str, params: Mapping[str, Any]) -> int:
+        """The total of a list whose page has ``n_rows`` rows: ``_known_total``, else ``count_sql`` (a
+        ``SELECT count()``)."""
+        known = self._known_total(page, n_rows)
+        if known is not None:
+            return known
         return int(await self._scalar(count_sql, params) or 0)
+
+    # ------------------------------------------------------------ pages of a latest-state table
+
+    # candidates read before falling back to one FINAL query
+    LATEST_PAGE_MAX_CANDIDATES = 20_000
+
+    # keys outside the largest merged part up to which _latest_count corrects that part's count
+    LATEST_COUNT_MAX_KEYS = 10_000
+
+    async def _active_parts(self, table: str) -> list[tuple[str, int, int]] | None:
+        """(name, level, rows) of ``table``'s active parts, by name; None without access to system.parts."""
+        try:
+            rows = await self.deps.query(
+                "SELECT name, level, rows FROM system.parts WHERE database = {db:String} AND table = {t:String} "
+                "AND active ORDER BY name", {"db": self.db, "t": table})
+        except Exception:
+            return None
+        return [(str(n), int(lv), int(r)) for n, lv, r in rows]
+
+    async def _outside_largest(self, table: str, keys: Sequence[str], fixed: Where
+                               ) -> tuple[list[tuple[str, int, int]], list[tuple]] | None:
+        """The active parts of ``table`` and the keys (matching ``fixed``) that have rows outside its largest
+        merged part ``L``; None when there is no merged part or more than ``LATEST_COUNT_MAX_KEYS`` such
+        keys (parts not merged yet). A key not among them has exactly one row, in ``L`` (a merge keeps one
+        row per key)."""
+        before = await self._active_parts(table)
+        merged = [p for p in before or [] if p[1] > 0]
+        if not merged:
+            return None
+        if len(before) == 1:
+            return before, []  # the merged part is the only one
+        largest = max(merged, key=lambda p: (p[2], p[0]))[0]
+        glue = "AND" if fixed.parts else "PREWHERE"
+        other = await self.deps.query(
+            f"SELECT DISTINCT {', '.join(keys)} FROM {self.t(table)} {fixed.sql('PREWHERE')} {glue} "
+            "_part != {_largest:String} LIMIT {_max:UInt64}",
+            {**fixed.params, "_largest": largest, "_max": self.LATEST_COUNT_MAX_KEYS + 1})
+        if len(other) > self.LATEST_COUNT_MAX_KEYS:
+            return None
+        return before, [tuple(r) for r in other]
+
+    async def _latest_count(self, *, table: str, keys: Sequence[str], key_types: Sequence[str], fixed: Where,
+                            changing: Where, final_sql: str, final_params: Mapping[str, Any]) -> int:
+        """``count()`` of ``table`` FINAL matching ``fixed`` (columns fixed per key) and ``changing``, read
+        mostly without FINAL.
+
+        With ``K`` the keys that have rows outside the largest merged part (``_outside_largest``; the other
+        keys have one row each): count = all matching rows (without FINAL; without ``changing`` filter the
+        primary key answers it) minus the matching rows of the keys in ``K`` plus their latest versions
+        that match (FINAL, by key). The set of active parts must be the same before and after (so every
+        count saw the same rows); else, or when ``K`` is large, the count is ``final_sql``.
+        """
+        found = await self._outside_largest(table, keys, fixed)
+        if found is None or len(found[0]) == 1:  # (one part: FINAL reads it without merging anything)
+            return int(await self._scalar(final_sql, final_params) or 0)
+        before, other = found
+        both = Where(fixed.parts + changing.parts, {**fixed.params, **changing.params})
+        t = self.t(table)
+        total = int(await self._scalar(f"SELECT count() FROM {t} {both.sql()}", both.params) or 0)
+        if other:
+            key_sql = f"({', '.join(keys)})" if len(keys) > 1 else keys[0]
+            ktype = f"Tuple({', '.join(key_types)})" if len(keys) > 1 else key_types[0]
+            params = {**both.params, "_keys": [r if len(keys) > 1 else r[0] for r in other]}
+            glue = "AND" if fixed.parts else "PREWHERE"
+            in_k = f"{fixed.sql('PREWHERE')} {glue} {key_sql} IN {{_keys:Array({ktype})}} {changing.sql()}"
+            rows = await self.deps.query(
+                f"SELECT (SELECT count() FROM {t} {in_k}), (SELECT count() FROM {t} FINAL {in_k}"
+                f"{FINAL_SETTINGS})", params)
+            total += int(rows[0][1] or 0) - int(rows[0][0] or 0)
+        if await self._active_parts(table) != before:
+            return int(await self._scalar(final_sql, final_params) or 0)
+        return total
+
+    async def _latest_page(self, *, table: str, keys: Sequence[str], key_types: Sequence[str], columns: str,
+                           fixed: Where, changing: Where, sort: Sequence[str], page: Page,
+                           final_sql: str, final_params: Mapping[str, Any]) -> tuple[list[str], list[tuple]]:
+        """A page of ``table`` FINAL (latest version per key) matching ``fixed`` and ``changing``, sorted by
+        ``sort`` (plain columns, none Nullable, ending with the key columns) in ``page.order``, without
+        running FINAL over every matching row.
+
+        ``fixed`` filters columns that are the same in every version of a key (so they may run before
+        FINAL, as PREWHERE); ``changing`` filters the others.
+
+        1. The top ``n`` rows matching both are read without FINAL (older versions and repeats
+           included). Every latest row that matches and sorts no later than the ``n``-th row (``T``)
+           is among them.
+        2. Which of their keys have a row outside the table's largest merged part ``L``: a read of the
+           other (recent, small) parts only. A key without one has a single row, in ``L`` (a merged
+           part holds one row per key): its candidate row is its latest version.
+        3. The latest versions of the other keys, read with FINAL by primary key.
+
+        The latest rows that match and sort no later than ``T`` are exactly the first rows of the
+        answer. When they cover the page (or the candidates were all there is) the page is exact; else
+        ``n`` grows, and past ``LATEST_PAGE_MAX_CANDIDATES`` the page comes from ``final_sql``. A part
+        merged away meanwhile only makes more keys go through step 3 (``_part != L`` then matches all).
+        A table of one part is read with ``final_sql`` (FINAL then merges nothing and is the fastest).
+        """
+        need = page.offset + page.limit
+        n = need + 16
+        order = page.order
+        sort_sql = ", ".join(f"{c} {order}" for c in sort)
+        width = len(sort)
+        key_at = [list(sort).index(k) for k in keys]
+        both = Where(fixed.parts + changing.parts, {**fixed.params, **changing.params})
+        ok = " AND ".join(changing.parts) or "1"
+        key_sql = f"({', '.join(keys)})" if len(keys) > 1 else keys[0]
+        keys_param = "{_keys:Array(" + (f"Tuple({', '.join(key_types)})" if len(keys) > 1 else key_types[0]) + ")}"
+        head = f"SELECT {', '.join(f'{c} AS _s{i}' for i, c in enumerate(sort))}, ({ok}) AS _ok, {columns}"
+        parts = await self._active_parts(table)
+        if parts is not None and len(parts) == 1:
+            return await self._rows(final_sql, final_params)  # one part: FINAL merges nothing
+        merged = [p for p in parts or [] if p[1] > 0]
+        largest = max(merged, key=lambda p: (p[2], p[0]))[0] if merged else ""
+        while n <= self.LATEST_PAGE_MAX_CANDIDATES:
+            cols, cand = await self._rows(
+                f"{head}, _part = {{_largest:String}} AS _in_largest FROM {self.t(table)} {both.sql()} "
+                f"ORDER BY {sort_sql} LIMIT {{_n:UInt64}}", {**both.params, "_n": n, "_largest": largest})
+            if not cand:
+                return [c.strip() for c in cols[width + 1:-1]], []
+
+            def key_of(r):
+                return tuple(r[i] for i in key_at)
+
+            wanted = sorted({key_of(r) for r in cand})
+            as_param = [k if len(keys) > 1 else k[0] for k in wanted]
+            if largest:
+                elsewhere = await self.deps.query(
+                    f"SELECT DISTINCT {', '.join(keys)} FROM {self.t(table)} "
+                    f"{fixed.sql('PREWHERE')} {'AND' if fixed.parts else 'PREWHERE'} _part != {{_largest:String}} "
+                    f"AND {key_sql} IN {keys_param}", {**fixed.params, "_largest": largest, "_keys": as_param})
+                contested = {tuple(r) for r in elsewhere}
+            else:
+                contested = set(wanted)
+            latest = [r[:-1] for r in cand if r[-1] and key_of(r) not in contested]
+            if contested:
+                check = sorted(contested)
+                _, fresh = await self._rows(
+                    f"{head} FROM {self.t(table)} FINAL {fixed.sql('PREWHERE')} {'AND' if fixed.parts else 'PREWHERE'} "
+                    f"{key_sql} IN {keys_param}" + FINAL_SETTINGS,
+                    {**both.params, "_keys": [k if len(keys) > 1 else k[0] for k in check]})
+                latest += [tuple(r) for r in fresh]
+            last = tuple(cand[-1][:width])
+            complete = len(cand) < n
+            if order == "DESC":
+                good = [r for r in latest if r[width] and (complete or tuple(r[:width]) >= last)]
+                good.sort(key=lambda r: tuple(r[:width]), reverse=True)
+            else:
+                good = [r for r in latest if r[width] and (complete or tuple(r[:width]) <= last)]
+                good.sort(key=lambda r: tuple(r[:width]))
+            if complete or len(good) >= need:
+                return cols[width + 1:-1], [tuple(r[width + 1:]) for r in good[page.offset:need]]
+            n *= 4
+        return await self._rows(final_sql, final_params)
 
     # ------------------------------------------------------------ automations
 
@@ -266,9 +434,12 @@ class Queries:
         status_rows = await self.deps.query(
             f"SELECT status, count(), countIf(run = 0), sum(ignored_enrollments) FROM {self.t('enrollments')} FINAL "
             "WHERE automation_id = {a:String} GROUP BY status ORDER BY status" + FINAL_SETTINGS, p)
-        recipients = await self._scalar(
-            f"SELECT count() FROM {self.t('recipients')} FINAL WHERE automation_id = {{a:String}}" + FINAL_SETTINGS,
-            p)
+        # recipient rows never change; a message id identifies the row within its automation
+        recipients = await self._latest_count(
+            table="recipients", keys=("message_id",), key_types=("String",),
+            fixed=Where().add("automation_id = {a:String}", a=automation_id), changing=Where(),
+            final_sql=f"SELECT count() FROM {self.t('recipients')} FINAL WHERE automation_id = {{a:String}}"
+            + FINAL_SETTINGS, final_params=p)
         return {
             **props,
             "totals": {
@@ -403,15 +574,34 @@ class Queries:
                        page: Page) -> dict:
         await self.require_automation(automation_id)
         w = self._contacts_where(automation_id, status, q, run)
-        cols, rows = await self._rows(
-            f"SELECT {self.CONTACT_COLS} FROM {self.t('enrollments')} FINAL {w.sql()} "
-            f"ORDER BY {page.sort} {page.order}, contact_id {page.order}, run {page.order} "
-            "LIMIT {limit:UInt64} OFFSET {offset:UInt64}" + FINAL_SETTINGS,
-            {**w.params, "limit": page.limit, "offset": page.offset})
-        total = await self._page_total(
-            page, len(rows), f"SELECT count() FROM {self.t('enrollments')} FINAL {w.sql()}" + FINAL_SETTINGS,
-            w.params)
+        final_sql = (f"SELECT {self.CONTACT_COLS} FROM {self.t('enrollments')} FINAL {w.sql()} "
+                     f"ORDER BY {page.sort} {page.order}, contact_id {page.order}, run {page.order} "
+                     "LIMIT {limit:UInt64} OFFSET {offset:UInt64}" + FINAL_SETTINGS)
+        final_params = {**w.params, "limit": page.limit, "offset": page.offset}
+        # automation and run are fixed per key; status, name, e-mail change between versions
+        fixed = Where().add("automation_id = {a:String}", a=automation_id)
+        if run is not None:
+            fixed.add("run = {run:UInt32}", run=run)
+        changing = _without(w, fixed)
+        if page.sort in self._CONTACT_PAGE_SORTS:
+            cols, rows = await self._latest_page(
+                table="enrollments", keys=("contact_id", "run"), key_types=("String", "UInt32"),
+                columns=self.CONTACT_COLS, fixed=fixed, changing=changing,
+                sort=[page.sort] + [k for k in ("contact_id", "run") if k != page.sort], page=page,
+                final_sql=final_sql, final_params=final_params)
+        else:
+            cols, rows = await self._rows(final_sql, final_params)
+        total = self._known_total(page, len(rows))
+        if total is None:
+            total = await self._latest_count(
+                table="enrollments", keys=("contact_id", "run"), key_types=("String", "UInt32"), fixed=fixed,
+                changing=changing,
+                final_sql=f"SELECT count() FROM {self.t('enrollments')} FINAL {w.sql()}" + FINAL_SETTINGS,
+                final_params=w.params)
         return {"items": shape(cols, rows), "total": total}
+
+    # contact sorts served by _latest_page (plain, non-Nullable columns; enrolled_at is Nullable)
+    _CONTACT_PAGE_SORTS = {"updated_at", "status_at", "name", "email", "status", "contact_id", "current_step"}
 
     CONTACT_CSV_HEADER = ("Contact ID", "Run", "Name", "Email", "Status", "Reason", "Current Step",
                           "Enrolled At", "Status At", "Updated At")
@@ -456,13 +646,21 @@ class Queries:
         await self.require_automation(automation_id)
         w = self._node_where(automation_id, step_index, state, period)
         params = {**w.params, "limit": page.limit, "offset": page.offset}
+        # automation and step are fixed per key; state and time change between versions
+        fixed = Where().add("automation_id = {a:String}", a=automation_id).add(
+            "step_index = {step:UInt32}", step=step_index)
+        changing = _without(w, fixed)
         if sort_key in NODE_CONTACT_NODE_SORTS:
             # page on node_states alone, then look up the page's runs in enrollments (by key): each
             # query runs once, and the enrollments read is a primary-key lookup of at most `limit` contacts
-            _, nrows = await self._rows(
-                f"SELECT contact_id, run, state, at FROM {self.t('node_states')} FINAL {w.sql()} "
-                f"ORDER BY {page.sort} {page.order}, contact_id {page.order}, run {page.order} "
-                "LIMIT {limit:UInt64} OFFSET {offset:UInt64}" + FINAL_SETTINGS, params)
+            _, nrows = await self._latest_page(
+                table="node_states", keys=("contact_id", "run"), key_types=("String", "UInt32"),
+                columns="contact_id, run, state, at", fixed=fixed, changing=changing,
+                sort=[page.sort] + [k for k in ("contact_id", "run") if k != page.sort], page=page,
+                final_sql=(f"SELECT contact_id, run, state, at FROM {self.t('node_states')} FINAL {w.sql()} "
+                           f"ORDER BY {page.sort} {page.order}, contact_id {page.order}, run {page.order} "
+                           "LIMIT {limit:UInt64} OFFSET {offset:UInt64}" + FINAL_SETTINGS),
+                final_params=params)
             runs: dict[tuple[str, int], tuple] = {}
             if nrows:
                 erows = await self.deps.query(
@@ -481,9 +679,13 @@ class Queries:
                     "LIMIT {limit:UInt64} OFFSET {offset:UInt64}")
             cols, rows = await self._rows(
                 sql + " SETTINGS join_use_nulls = 1, do_not_merge_across_partitions_select_final = 1", params)
-        total = await self._page_total(
-            page, len(rows), f"SELECT count() FROM {self.t('node_states')} FINAL {w.sql()}" + FINAL_SETTINGS,
-            w.params)
+        total = self._known_total(page, len(rows))
+        if total is None:
+            total = await self._latest_count(
+                table="node_states", keys=("contact_id", "run"), key_types=("String", "UInt32"), fixed=fixed,
+                changing=changing,
+                final_sql=f"SELECT count() FROM {self.t('node_states')} FINAL {w.sql()}" + FINAL_SETTINGS,
+                final_params=w.params)
         return {"items": shape(cols, rows), "total": total}
 
     NODE_CSV_HEADER = ("Contact ID", "Run", "Name", "Email", "State", "State At", "Status", "Reason",
@@ -511,12 +713,24 @@ class Queries:
         # node_states.idx_state (migration 007) narrows FINAL to the granules that hold waiting rows
         stuck_where = ("WHERE automation_id = {a:String} AND state = 'waiting' "
                        f"AND at < {{cutoff:{TIME}}}")
-        cols, rows = await self._rows(
-            "SELECT contact_id, run, step_index, at AS waiting_since "
-            f"FROM {self.t('node_states')} FINAL {stuck_where} "
-            "ORDER BY waiting_since, contact_id, run LIMIT {limit:UInt64} OFFSET {offset:UInt64}" + FINAL_SETTINGS, p)
-        stuck_total = await self._page_total(
-            page, len(rows), f"SELECT count() FROM {self.t('node_states')} FINAL {stuck_where}" + FINAL_SETTINGS, p)
+        fixed = Where().add("automation_id = {a:String}", a=automation_id)
+        changing = Where().add("state = 'waiting'").add(f"at < {{cutoff:{TIME}}}", cutoff=p["cutoff"])
+        keys, key_types = ("step_index", "contact_id", "run"), ("UInt32", "String", "UInt32")
+        cols, rows = await self._latest_page(
+            table="node_states", keys=keys, key_types=key_types,
+            columns="contact_id, run, step_index, at AS waiting_since", fixed=fixed, changing=changing,
+            sort=("at", "contact_id", "run", "step_index"), page=Page(page.limit, page.offset, "at", "ASC"),
+            final_sql=("SELECT contact_id, run, step_index, at AS waiting_since "
+                       f"FROM {self.t('node_states')} FINAL {stuck_where} "
+                       "ORDER BY waiting_since, contact_id, run, step_index LIMIT {limit:UInt64} OFFSET {offset:UInt64}"
+                       + FINAL_SETTINGS),
+            final_params=p)
+        stuck_total = self._known_total(page, len(rows))
+        if stuck_total is None:
+            stuck_total = await self._latest_count(
+                table="node_states", keys=keys, key_types=key_types, fixed=fixed, changing=changing,
+                final_sql=f"SELECT count() FROM {self.t('node_states')} FINAL {stuck_where}" + FINAL_SETTINGS,
+                final_params=p)
         dcols, drows, dup_total = await self._duplicate_sends(automation_id, page)
         return {
             "stuck": shape(cols, rows),
@@ -589,14 +803,15 @@ class Queries:
         "any(subject) AS subject, any(sending_user) AS sending_user, any(sending_email) AS sending_email, "
         "min(first_sent_at) AS date FROM {info} AS i {where} GROUP BY mailing_id {having}"
     )
-    _MAILING_COUNTS = (
-        "SELECT mailing_id, count() AS total_sent, "
+    _MAILING_COUNTERS = (
+        "count() AS total_sent, "
         "countIf(NOT delivered_at.null) AS delivered, countIf(NOT opened_at.null) AS opened, "
         "countIf(NOT clicked_at.null) AS clicked, countIf(NOT bounced_at.null) AS bounced, "
         "countIf(NOT dropped_at.null) AS dropped, countIf(NOT deferred_at.null) AS deferred, "
-        "countIf(NOT spam_reported_at.null) AS spam_reports, countIf(NOT unsubscribed_at.null) AS unsubscribed "
-        "FROM {messages} FINAL {prewhere} GROUP BY mailing_id"
+        "countIf(NOT spam_reported_at.null) AS spam_reports, countIf(NOT unsubscribed_at.null) AS unsubscribed"
     )
+    _MAILING_COUNTS = "SELECT mailing_id, " + _MAILING_COUNTERS + " FROM {messages} FINAL {prewhere} GROUP BY mailing_id"
+    _MAILING_UNION_MAX = 8
     _MAILING_INFO_SORTS = {"date", "mailing_id", "step_index", "subject"}
     _MAILING_COUNT_SORTS = {"total_sent", "delivered", "opened", "clicked", "bounced"}
 
@@ -637,8 +852,65 @@ class Queries:
             cw = Where().add("mailing_id IN {ids:Array(String)}", ids=ids)
         else:
             cw = Where()
+        # merged (the usual state): every row once, corrected for the keys with rows in recent parts
+        found = await self._outside_largest("messages", ("mailing_id", "message_id"), cw)
+        if found is not None:
+            counted = await self._mailing_counts_merged(cw, found, order_by)
+            if counted is not None:
+                return counted
+        if not (mixed and (wanted is None or mixed & wanted)) and wanted is not None \
+                and len(wanted) <= self._MAILING_UNION_MAX:
+            # a few mailings: one primary-key range read per mailing, without grouping on the mailing id
+            # (measured over 4 mailings of 1.25M messages: 45 ms against 70 ms with IN + GROUP BY)
+            ordered = sorted(wanted)
+            params = {f"m{i}": m for i, m in enumerate(ordered)}
+            branches = " UNION ALL ".join(
+                f"SELECT {{m{i}:String}} AS _mailing, {self._MAILING_COUNTERS} FROM {self.t('messages')} FINAL "
+                f"PREWHERE mailing_id = {{m{i}:String}}" for i in range(len(ordered)))
+            names = ", ".join(self._COUNTERS)
+            return await self._rows(f"SELECT _mailing AS mailing_id, {names} FROM ({branches})"
+                                    + order_by + FINAL_SETTINGS, params)
         sql = self._MAILING_COUNTS.format(messages=self.t("messages"), prewhere=cw.sql("PREWHERE"))
         return await self._rows(sql + order_by + FINAL_SETTINGS, cw.params)
+
+    async def _mailing_counts_merged(self, cw: Where, found: tuple, order_by: str) -> tuple[list, list] | None:
+        """Counters per mailing of messages matching ``cw`` (filters on the mailing id only), read without
+        FINAL: ``found`` = (active parts, keys with rows outside the largest merged part, ``K``); the other
+        keys have one row each. counters = all rows (grouped in primary-key order, no hash table on the
+        mailing id) - the rows of the keys in ``K`` + their latest versions (FINAL, by key). None when
+        the set of active parts changed meanwhile (the caller counts with FINAL)."""
+        before, other = found
+        t = self.t("messages")
+        signed = ", ".join(f"{{sign}} * toInt64({expr}) AS {name}" for expr, name in zip(
+            ["count()"] + [f"countIf(NOT {f}_at.null)" for f in (
+                "delivered", "opened", "clicked", "bounced", "dropped", "deferred", "spam_reported", "unsubscribed")],
+            self._COUNTERS))
+        glue = "AND" if cw.parts else "PREWHERE"
+        params = dict(cw.params)
+        ids = cw.params.get("ids")
+        if ids is not None and len(cw.parts) == 1 and len(ids) <= self._MAILING_UNION_MAX:
+            # a few whole mailings: one primary-key range each, the mailing id never read
+            branches = [f"SELECT {{_m{i}:String}} AS _mailing, {signed.format(sign=1)} FROM {t} "
+                        f"PREWHERE mailing_id = {{_m{i}:String}}" for i in range(len(ids))]
+            params.update({f"_m{i}": m for i, m in enumerate(ids)})
+        else:
+            branches = [f"SELECT mailing_id AS _mailing, {signed.format(sign=1)} FROM {t} {cw.sql('PREWHERE')} "
+                        "GROUP BY mailing_id"]
+        if other:
+            params["_keys"] = [tuple(k) for k in other]
+            in_k = f"{cw.sql('PREWHERE')} {glue} (mailing_id, message_id) IN {{_keys:Array(Tuple(String, String))}}"
+            branches.append(f"SELECT mailing_id AS _mailing, {signed.format(sign=-1)} FROM {t} {in_k} "
+                            "GROUP BY mailing_id")
+            branches.append(f"SELECT mailing_id AS _mailing, {signed.format(sign=1)} FROM {t} FINAL {in_k} "
+                            "GROUP BY mailing_id")
+        sums = ", ".join(f"toUInt64(sum({c})) AS {c}" for c in self._COUNTERS)
+        result = await self._rows(
+            f"SELECT _mailing AS mailing_id, {sums} FROM ({' UNION ALL '.join(branches)}) GROUP BY _mailing"
+            + order_by
+            + FINAL_SETTINGS + ", optimize_aggregation_in_order = 1", params)
+        if await self._active_parts("messages") != before:
+            return None
+        return result
 
     async def _mailing_page_fast(self, *, automation_id: str | None, step: int | None, period: Period,
                                  page: Page, mailing_id: str | None = None) -> dict:
@@ -745,6 +1017,45 @@ class Queries:
     MAILING_RECIPIENT_COLS = ("message_id, contact_id, name, email, status, status_at, " + _FLAG_COLS +
                               ", bounce_class, opens, clicks, run, step_index")
 
+    # sorts on a message's fixed facts that ``mailing_sort`` (migration 008) keeps in order
+    _MAILING_SORT_FIELDS = {"name": "name", "email": "email"}
+
+    async def _mailing_recipients_by_fixed(self, mailing_id: str, page: Page) -> tuple[list[str], list[tuple]]:
+        """A page of a mailing's recipients sorted by name or e-mail (no filter), from ``mailing_sort``.
+
+        ``mailing_sort`` holds (mailing_id, field, value, message_id) in sort order, so the page's
+        message ids are read in order from a few granules instead of sorting every message of the
+        mailing. Its rows are identical in every version of a message (name and e-mail are fixed by
+        the send), so a key may only be repeated (parts not merged yet): the rows are read without
+        FINAL and repeats dropped. All rows of one key are adjacent in the sort order, hence the
+        distinct keys among the first ``n`` rows are the first distinct keys overall; ``n`` grows
+        until they cover the page or the mailing ends. The page's messages are then read from
+        messages FINAL by primary key (mailing_id, message_id) and put in the page's order.
+        """
+        need = page.offset + page.limit
+        n = need
+        while True:
+            found = await self.deps.query(
+                f"SELECT value, message_id FROM {self.t('mailing_sort')} "
+                "PREWHERE mailing_id = {m:String} AND field = {f:String} "
+                f"ORDER BY value {page.order}, message_id {page.order} LIMIT {{n:UInt64}}",
+                {"m": mailing_id, "f": self._MAILING_SORT_FIELDS[page.sort], "n": n})
+            keys = list(dict.fromkeys((v, mid) for v, mid in found))
+            if len(keys) >= need or len(found) < n:
+                break
+            n *= 2
+        ids = [mid for _, mid in keys[page.offset:need]]
+        cols = [c.strip() for c in self.MAILING_RECIPIENT_COLS.split(",")]
+        if not ids:
+            return cols, []
+        cols, rows = await self._rows(
+            f"SELECT {self.MAILING_RECIPIENT_COLS} FROM {self.t('messages')} FINAL "
+            "PREWHERE mailing_id = {m:String} AND message_id IN {ids:Array(String)}" + FINAL_SETTINGS,
+            {"m": mailing_id, "ids": ids})
+        at = {mid: i for i, mid in enumerate(ids)}
+        k = cols.index("message_id")
+        return cols, sorted(rows, key=lambda r: at[r[k]])
+
     async def mailing_recipients(self, mailing_id: str, *, status: str | None, q: str | None, page: Page) -> dict:
         exists = await self._scalar(
             f"SELECT count() FROM (SELECT 1 FROM {self.t('messages')} WHERE mailing_id = {{m:String}} LIMIT 1)",
@@ -757,11 +1068,14 @@ class Queries:
         if q:
             w.add("(positionCaseInsensitiveUTF8(email, {q:String}) > 0 "
                   "OR positionCaseInsensitiveUTF8(name, {q:String}) > 0)", q=q)
-        cols, rows = await self._rows(
-            f"SELECT {self.MAILING_RECIPIENT_COLS} FROM {self.t('messages')} FINAL {w.sql()} "
-            f"ORDER BY {page.sort} {page.order}, message_id {page.order} "
-            "LIMIT {limit:UInt64} OFFSET {offset:UInt64}" + FINAL_SETTINGS,
-            {**w.params, "limit": page.limit, "offset": page.offset})
+        if not status and not q and page.sort in self._MAILING_SORT_FIELDS:
+            cols, rows = await self._mailing_recipients_by_fixed(mailing_id, page)
+        else:
+            cols, rows = await self._rows(
+                f"SELECT {self.MAILING_RECIPIENT_COLS} FROM {self.t('messages')} FINAL {w.sql()} "
+                f"ORDER BY {page.sort} {page.order}, message_id {page.order} "
+                "LIMIT {limit:UInt64} OFFSET {offset:UInt64}" + FINAL_SETTINGS,
+                {**w.params, "limit": page.limit, "offset": page.offset})
         total = await self._page_total(
             page, len(rows), f"SELECT count() FROM {self.t('messages')} FINAL {w.sql()}" + FINAL_SETTINGS, w.params)
         return {"items": shape(cols, rows), "total": total}

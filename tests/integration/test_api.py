@@ -535,6 +535,27 @@ def test_mailing_recipients(api):
     api.get("/api/v1/mailings/none/recipients", expect=404)
 
 
+def test_mailing_recipients_sorted_by_name_or_email_pages(api):
+    """Sorts by name and e-mail page through mailing_sort (migration 008): the page's ids in order (a
+    message repeated by a row version in another part counted once), then the newest rows."""
+    base = "/api/v1/mailings/a1:0/recipients"
+    full = api.get(base, {"limit": 1000, "sort": "date"})["items"]
+    assert len(full) == 11
+    for key in ("name", "email"):
+        for order in ("asc", "desc"):
+            want = sorted(full, key=lambda r: (r[key], r["message_id"]), reverse=order == "desc")
+            paged = []
+            for offset in range(0, 13, 3):
+                body = api.get(base, {"sort": key, "order": order, "limit": 3, "offset": offset})
+                assert body["total"] == 11
+                paged += body["items"]
+            assert paged == want
+    newest = next(r for r in api.get(base, {"sort": "name", "limit": 1000})["items"]
+                  if r["message_id"] == "m-a1-c01-r0-s0-0")
+    assert newest["status"] == "clicked"  # the older version (status sent) lives in another part
+    assert api.get(base, {"sort": "name", "offset": 11})["items"] == []
+
+
 # ------------------------------------------------------------------ contact card and timeline
 
 def test_contact_automations(api):
@@ -766,3 +787,102 @@ def test_mailings_cover_email_only(env):
     assert {k: of_a1["a1:0"][k] for k in F.EXPECTED["mailings"]["a1:0"]} == F.EXPECTED["mailings"]["a1:0"]
     by_sent = api.get("/api/v1/mailings", {"automation_id": "a1", "sort": "total_sent", "order": "desc"})["items"]
     assert (by_sent[0]["mailing_id"], by_sent[0]["total_sent"]) == ("a1:0", F.EXPECTED["mailings"]["a1:0"]["total_sent"])
+
+
+def test_pages_and_totals_over_a_merged_part_and_newer_rows(env):
+    """Contacts, node contacts and health pages take candidates without FINAL and check only the keys
+    that have rows outside the largest merged part (queries._latest_page, _latest_count). After a merge,
+    newer versions in another part (a waiting node now done, a done node now waiting, a run that changed
+    status, an older version written after the merge) must give the same pages and totals as FINAL."""
+    from sendtrail.api.queries import Page, Period, Queries, Where, iso
+    from sendtrail.clickhouse import insert
+
+    db = "api_merged"
+    client = F.open_database(env["path"], db)
+    try:
+        F.load_dataset(client, db)
+        for table in ("node_states", "enrollments", "messages", "recipients"):
+            client.command(f"OPTIMIZE TABLE {db}.{table} FINAL")
+        mrow = next(client.query(f"SELECT * FROM {db}.messages FINAL WHERE mailing_id = 'a1:1' "
+                                 "ORDER BY message_id LIMIT 1").named_results())
+        insert(client, "messages", [
+            dict(mrow, opened_at=F.NOW, clicked_at=F.NOW, delivered_at=mrow["delivered_at"] or F.NOW,
+                 status="clicked", _version=mrow["_version"] + 1),                       # newer: 2 more flags
+            dict(mrow, message_id="m-new", dropped_at=F.NOW, status="dropped", _version=1),  # a new message
+            dict(mrow, message_id="m-new", _version=0),                                   # its older version
+        ], dedup_token="merged-messages", database=db)
+        late = F.NOW - dt.timedelta(days=1)
+        node = dict(automation_id="a1", run=0, at=F.T0 + dt.timedelta(days=1), _version=50)
+        insert(client, "node_states", [
+            dict(node, contact_id="c03", step_index=2, state="done"),        # was waiting
+            dict(node, contact_id="c02", step_index=0, state="waiting"),     # was done
+            dict(node, contact_id="c09", step_index=1, state="stopped", at=late),
+            dict(node, contact_id="c06", step_index=0, state="done", _version=0),  # older: loses
+        ], dedup_token="merged-nodes", database=db)
+        erow = {c: v for c, v in client.query(
+            f"SELECT * FROM {db}.enrollments FINAL WHERE contact_id = 'c06'").named_results().__next__().items()}
+        insert(client, "enrollments", [dict(erow, status="paused", reason="manual", updated_at=late,
+                                            _version=erow["_version"] + 5),
+                                       dict(erow, contact_id="c05", status="failed", _version=0)],
+               dedup_token="merged-enrollments", database=db)
+        deps = make_deps_for_client(client, db, client_factory=lambda: F.open_database(env["path"], db),
+                                    now=lambda: F.NOW.replace(tzinfo=dt.timezone.utc).timestamp())
+        q = Queries(deps)
+        loop = asyncio.new_event_loop()
+        run = loop.run_until_complete
+        for table in ("node_states", "enrollments"):  # a merged part and newer parts: the paths under test
+            parts = run(q._active_parts(table))
+            assert len(parts) > 1 and any(level > 0 for _, level, _ in parts)
+
+        def final(sql, **params):
+            return [tuple(r) for r in client.query(sql, parameters=params).result_rows]
+
+        for step in (0, 1, 2):
+            for state in ("waiting", "done", "stopped", None):
+                for sort, order in (("at", "ASC"), ("at", "DESC"), ("contact_id", "ASC"), ("state", "DESC")):
+                    cond = "state = {s:String}" if state else "state IN ('done', 'waiting', 'filtered', 'stopped')"
+                    want = final(f"SELECT contact_id, run, state, at FROM {db}.node_states FINAL "
+                                 f"WHERE automation_id = 'a1' AND step_index = {{step:UInt32}} AND {cond} "
+                                 f"ORDER BY {sort} {order}, contact_id {order}, run {order}", step=step, s=state)
+                    for offset in (0, 2, 5):
+                        got = run(q.node_contacts("a1", step, state=state, period=Period(),
+                                                  page=Page(2, offset, sort, order), sort_key=sort))
+                        assert [(i["contact_id"], i["run"], i["state"], i["state_at"]) for i in got["items"]] == [
+                            (c, r, s, iso(a)) for c, r, s, a in want[offset:offset + 2]], (step, state, sort, order)
+                        assert got["total"] == len(want)
+        for status in (None, "in_progress", "paused", "finished"):
+            for sort, order in (("updated_at", "DESC"), ("name", "ASC"), ("status", "DESC"), ("current_step", "ASC")):
+                cond = "AND status = {s:String}" if status else ""
+                want = final(f"SELECT contact_id, run, status, updated_at FROM {db}.enrollments FINAL "
+                             f"WHERE automation_id = 'a1' {cond} ORDER BY {sort} {order}, contact_id {order}, "
+                             f"run {order}", s=status)
+                for offset in (0, 3):
+                    got = run(q.contacts("a1", status=status, q=None, run=None, page=Page(3, offset, sort, order)))
+                    assert [(i["contact_id"], i["run"], i["status"], i["updated_at"]) for i in got["items"]] == [
+                        (c, r, s, iso(u)) for c, r, s, u in want[offset:offset + 3]], (status, sort, order)
+                    assert got["total"] == len(want)
+        want = {r[0]: r[1:] for r in final(
+            f"SELECT mailing_id, count(), countIf(delivered_at IS NOT NULL), countIf(opened_at IS NOT NULL), "
+            f"countIf(clicked_at IS NOT NULL), countIf(dropped_at IS NOT NULL) FROM {db}.messages FINAL "
+            "WHERE channel = 'email' GROUP BY mailing_id")}
+        assert run(q._outside_largest("messages", ("mailing_id", "message_id"), Where()))[1]  # keys outside L
+        for automation_id, sort in ((None, "date"), (None, "total_sent"), ("a1", "date"), ("a1", "opened")):
+            got = run(q.mailings(automation_id=automation_id, step=None, q=None, period=Period(),
+                                 page=Page(50, 0, sort, "DESC")))
+            assert {m["mailing_id"]: (m["total_sent"], m["delivered"], m["opened"], m["clicked"], m["dropped"])
+                    for m in got["items"]} == {k: v for k, v in want.items()
+                                               if automation_id is None or k.startswith(automation_id)}
+        assert run(q.automation_detail("a1"))["totals"]["recipients"] == final(
+            f"SELECT count() FROM {db}.recipients FINAL WHERE automation_id = 'a1'")[0][0]
+        for cutoff in (F.NOW, F.T0 + dt.timedelta(days=5)):
+            want = final(f"SELECT contact_id, run, step_index, at FROM {db}.node_states FINAL "
+                         "WHERE automation_id = 'a1' AND state = 'waiting' AND at < {c:DateTime64(3, 'UTC')} "
+                         "ORDER BY at, contact_id, run, step_index", c=cutoff)
+            for offset in (0, 1, 3):
+                got = run(q.health("a1", cutoff=cutoff, page=Page(2, offset)))
+                assert [(s["contact_id"], s["run"], s["step_index"], s["waiting_since"]) for s in got["stuck"]] == [
+                    (c, r, k, iso(a)) for c, r, k, a in want[offset:offset + 2]]
+                assert got["stuck_total"] == len(want)
+        loop.close()
+    finally:
+        client.close()

@@ -40,11 +40,12 @@ def test_migration_files_are_numbered_and_idempotent():
                 assert "IF NOT EXISTS" in stmt.upper(), f"{m.name}: {stmt[:60]}"
 
 
-# Tables that only materialized views write (migration 007): no sink row layout in TABLE_COLUMNS.
+# Tables that only materialized views write (migrations 007, 008): no sink row layout in TABLE_COLUMNS.
 DERIVED_TABLES = {
     "mailing_info": ("mailing_id", "channel", "automation_id", "step_index", "subject", "sending_user",
                      "sending_email", "first_sent_at"),
     "send_index": ("automation_id", "contact_id", "run", "step_index", "message_ids"),
+    "mailing_sort": ("mailing_id", "field", "value", "message_id"),  # migration 008
 }
 
 
