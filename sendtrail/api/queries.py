@@ -591,14 +591,19 @@ class Queries:
                 final_sql=final_sql, final_params=final_params)
         else:
             cols, rows = await self._rows(final_sql, final_params)
-        total = self._known_total(page, len(rows))
-        if total is None:
-            total = await self._latest_count(
-                table="enrollments", keys=("contact_id", "run"), key_types=("String", "UInt32"), fixed=fixed,
-                changing=changing,
-                final_sql=f"SELECT count() FROM {self.t('enrollments')} FINAL {w.sql()}" + FINAL_SETTINGS,
-                final_params=w.params)
+        total = await self._run_total(page, len(rows), "enrollments", w, fixed, changing)
         return {"items": shape(cols, rows), "total": total}
+
+    async def _run_total(self, page: "Page", n_rows: int, table: str, w: Where, fixed: Where,
+                         changing: Where) -> int:
+        """Total of a page of runs (``table`` keyed by contact and run) filtered by ``w``."""
+        total = self._known_total(page, n_rows)
+        if total is not None:
+            return total
+        return await self._latest_count(
+            table=table, keys=("contact_id", "run"), key_types=("String", "UInt32"), fixed=fixed,
+            changing=changing, final_sql=f"SELECT count() FROM {self.t(table)} FINAL {w.sql()}" + FINAL_SETTINGS,
+            final_params=w.params)
 
     # contact sorts served by _latest_page (plain, non-Nullable columns; enrolled_at is Nullable)
     _CONTACT_PAGE_SORTS = {"updated_at", "status_at", "name", "email", "status", "contact_id", "current_step"}
@@ -679,13 +684,7 @@ class Queries:
                     "LIMIT {limit:UInt64} OFFSET {offset:UInt64}")
             cols, rows = await self._rows(
                 sql + " SETTINGS join_use_nulls = 1, do_not_merge_across_partitions_select_final = 1", params)
-        total = self._known_total(page, len(rows))
-        if total is None:
-            total = await self._latest_count(
-                table="node_states", keys=("contact_id", "run"), key_types=("String", "UInt32"), fixed=fixed,
-                changing=changing,
-                final_sql=f"SELECT count() FROM {self.t('node_states')} FINAL {w.sql()}" + FINAL_SETTINGS,
-                final_params=w.params)
+        total = await self._run_total(page, len(rows), "node_states", w, fixed, changing)
         return {"items": shape(cols, rows), "total": total}
 
     NODE_CSV_HEADER = ("Contact ID", "Run", "Name", "Email", "State", "State At", "Status", "Reason",
