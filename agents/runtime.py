@@ -363,7 +363,8 @@ class Runtime:
             log.exception("the last batch failed; its records are processed again from the committed offsets")
             self.metrics.batch_failed()
             self.tables.discard()
-            self._uncommitted.clear()
+            self._mark_replayed(self._uncommitted)  # so that a stop now is not committed as clean
+            self._uncommitted = []
 
     async def _reset(self, fetched: dict[TopicPartition, list]) -> None:
         """After a failure: let the batch in flight end, drop all staged state and seek every
@@ -378,18 +379,21 @@ class Runtime:
         self.tables.discard()
         batches = self._uncommitted + ([fetched] if fetched and all(b is not fetched for b in self._uncommitted) else [])
         self._uncommitted = []
+        assignment = self.consumer.assignment()
+        for tp, offset in self._mark_replayed(batches).items():
+            if tp in assignment:
+                self.consumer.seek(tp, offset)
+
+    def _mark_replayed(self, batches: list[dict[TopicPartition, list]]) -> dict[TopicPartition, int]:
+        """Count the records of ``batches`` (not durable; some of their effects may be out) as
+        replayed; returns each partition's first record among them."""
         first: dict[TopicPartition, int] = {}
-        last: dict[TopicPartition, int] = {}
         for batch in batches:
             for tp, records in batch.items():
                 if records:
                     first[tp] = min(first.get(tp, records[0].offset), records[0].offset)
-                    last[tp] = max(last.get(tp, -1), records[-1].offset)
-        assignment = self.consumer.assignment()
-        for tp, offset in first.items():
-            if tp in assignment:
-                self.consumer.seek(tp, offset)
-                self.replay_until[tp] = max(self.replay_until.get(tp, 0), last[tp] + 1)
+                    self.replay_until[tp] = max(self.replay_until.get(tp, 0), records[-1].offset + 1)
+        return first
 
     async def _tick_loop(self) -> None:
         """Ask every assigned contacts partition to auto-resume holds whose date has passed."""
