@@ -305,7 +305,7 @@ class Pipeline:
                     self._tick_partition(partition, internal["now_ms"], replicas, dirty, store, load)
                     continue
                 if kind.startswith("automation."):
-                    self._fan_out(ctx, rec, internal, replicas, dirty, store, load)
+                    self._fan_out(ctx, rec, internal, replicas, dirty, store, load, replayed if in_replay else None)
                     continue
                 ev = internal
             else:
@@ -318,14 +318,21 @@ class Pipeline:
             res = steps.contact_step(state, park, ev, defn, partition, rec.offset, now_ms)
             store(partition, key, res)
         for key, partition in replayed.items():
-            state = states.get(key)
+            state, park = load(partition, key)
             if state is None:
                 continue
             aid = key.split(SEP.encode(), 1)[0].decode()
-            self._queue_output(ctx, steps.contact_snapshot(state, engine_automation(
-                self._replica(partition, aid, replicas))))
-            entry = dirty[key]
-            dirty[key] = (entry[0], state, entry[2], True, entry[4])
+            replica = self._replica(partition, aid, replicas)
+            defn = engine_automation(replica)
+            if defn is None:
+                # The definition's write was lost with the crashed attempt's state (a changelog
+                # holds part of a batch when a kill lands while it is written): its fan-out is
+                # replayed too, and snapshots the automation's keys then (see _fan_out). A
+                # snapshot now would guess the nodes without the steps.
+                continue
+            self._queue_output(ctx, steps.contact_snapshot(state, defn, node_span(replica)))
+            entry = dirty.get(key)
+            dirty[key] = (partition, state, park, True, entry[4] if entry else False)
 
         def write_state() -> None:
             self._stage_contacts(dirty)
@@ -365,11 +372,18 @@ class Pipeline:
         return list(keys)
 
     def _fan_out(self, ctx: "Batch", rec: Any, internal: dict, replicas: dict, dirty: dict, store: Callable,
-                 load: Callable) -> None:
-        """An automation's definition or lifecycle reached this partition: apply it to its keys."""
+                 load: Callable, replayed: dict | None) -> None:
+        """An automation's definition or lifecycle reached this partition: apply it to its keys.
+
+        ``replayed`` (keys to snapshot at the batch's end) is given when the record is replayed.
+        A replayed definition may not be the one the crashed attempt used for the keys it
+        touched (or the attempt's write of it may be lost while its keys' writes are not): every
+        key of the automation in the partition is snapshotted with it.
+        """
         partition = rec.partition
         aid = internal["automation_id"]
         replica = internal["replica"]
+        previous = self._replica(partition, aid, replicas)
         replicas[(partition, aid)] = replica
         ctx.replica_writes[(partition, aid)] = replica
         defn = engine_automation(replica)
@@ -380,6 +394,10 @@ class Pipeline:
                 state, park = load(partition, key)
                 if park:
                     store(partition, key, steps.contact_unpark(state, park, defn))
+            if replayed is not None and (previous or {}).get("defn") != replica.get("defn"):
+                stored = (key for key, _ in self.tables.items("enrollments", partition, prefix))
+                for key in self._batch_keys(dirty, partition, prefix, stored):
+                    replayed[key] = partition
             return
         lifecycle = internal["event"]
         stored = (key for key, _ in self.tables.items("enrollments", partition, prefix))
@@ -401,9 +419,10 @@ class Pipeline:
             if due is None or due > now_ms:
                 continue
             aid = key.split(SEP.encode(), 1)[0].decode()
-            replica = self._replica(partition, aid, replicas)
-            res = steps.contact_tick(state, engine_automation(replica), now_ms)
-            store(partition, key, res)
+            defn = engine_automation(self._replica(partition, aid, replicas))
+            if defn is None:
+                continue  # see process_contacts: the definition is replayed; a later tick resumes it
+            store(partition, key, steps.contact_tick(state, defn, now_ms))
 
     # ---- messages -------------------------------------------------------------------------------
 
@@ -532,6 +551,15 @@ def engine_automation(replica: dict | None) -> dict | None:
     return defn
 
 
+def node_span(replica: dict | None) -> int:
+    """How many node indices the automation's definitions have used (the largest index + 1, over
+    every definition the replica held): a snapshot covers them all, since an earlier attempt may
+    have emitted node rows under an earlier definition."""
+    if not replica:
+        return 0
+    return max(replica.get("node_span") or 0, steps.node_span(replica.get("defn")))
+
+
 def apply_automation_event(current: dict | None, ev: dict) -> dict | None:
     """Fold an ``automation.*`` event into the automation's replica (definition + lifecycle)."""
     replica = dict(current) if current else {"defn": None, "status": "active", "updated_at": 0, "version": 0,
@@ -543,6 +571,7 @@ def apply_automation_event(current: dict | None, ev: dict) -> dict | None:
         if old is not None and (old.get("version", 0), old.get("occurred_at", 0)) >= (ev.get("version", 0), at):
             return current
         replica["defn"] = ev
+        replica["node_span"] = max(node_span(replica), steps.node_span(ev))
     else:
         status = {"automation.paused": "paused", "automation.resumed": "active",
                   "automation.archived": "archived"}[kind]

@@ -175,7 +175,13 @@ def message_step(state: dict | None, event: dict, partition: int, offset: int) -
 SNAPSHOT_VERSION_BUMP = 1 << 32
 
 
-def contact_snapshot(state: dict, automation: dict | None) -> Output:
+def node_span(automation: dict | None) -> int:
+    """The largest step index of a definition + 1 (0 when unknown or empty)."""
+    indices = [int(s["index"]) for s in ((automation or {}).get("steps") or ())]
+    return max(indices) + 1 if indices else 0
+
+
+def contact_snapshot(state: dict, automation: dict | None, span: int = 0) -> Output:
     """Every row of an enrollment key, at a version above any it used before.
 
     Why: rows are emitted per change with the key's version, and a batch's rows are written
@@ -185,7 +191,8 @@ def contact_snapshot(state: dict, automation: dict | None) -> Output:
     and their versions are not, so a row of the attempt that crashed can outrank the replay's
     (tests/unit/test_steps.py shows one). Re-emitting the whole key above them settles it:
     enrollment rows of every run, and a row for every node of every run (``none`` where the run
-    does not stand), at the key's bumped version (which the state keeps).
+    does not stand), at the key's bumped version (which the state keeps). ``span``: node indices
+    to cover beyond the definition's (those of earlier definitions of the automation).
     """
     state["version"] = state.get("version", 0) + SNAPSHOT_VERSION_BUMP
     out = Output()
@@ -193,7 +200,7 @@ def contact_snapshot(state: dict, automation: dict | None) -> Output:
     if not views:
         return out
     version = state["version"]
-    n_steps = len((automation or {}).get("steps") or ())
+    n_steps = max(node_span(automation), span)
     node_rows = []
     for v in views:
         at = v.get("status_at") or v.get("enrolled_at") or 0

@@ -92,11 +92,6 @@ def _kill_mid_batch(worker: WorkerProcess, target: float, timeout: float = 120.0
     return done
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known gap (failed once in 14 runs, CI of 5d852f7, seed 12): the replay can apply a run's events "
-    "under another definition of its automation than the crashed attempt did; a node the crashed "
-    "attempt wrote outside the final definition (step 6 of a 6-step automation) keeps its stale row, "
-    "since snapshots re-emit `none` only for the nodes of the current definition"))
 @pytest.mark.parametrize("seed", [12, 21])
 def test_sigkill_mid_stream_is_still_exact(worker, seed):
     """Killed three times while consuming, each time after a random share of what it had to do;
