@@ -80,6 +80,24 @@ TABLES_BY_KIND = {
     "automation": ("automations",),
 }
 
+def commit_phase(table: str, delete: bool) -> int:
+    """The order in which a batch's state reaches the changelogs (``StateTables.commit_layer``).
+
+    A kill while a batch's state is sent leaves part of it in the changelogs; a recovery from
+    them must find nothing it cannot redo. So an automation's replica, a new resume-index entry and
+    the messages go first, then the enrollments, then the parked events and removed resume-index
+    entries. Left behind, the first ones are harmless (a replica without the enrollments applied
+    under it; a resume-index entry whose pause is not there, which a tick checks against the
+    state); an enrollment written while the parked events it applied are not yet deleted applies
+    them again as no-ops (event ids). The other way round, a parked event, or the entry that makes
+    a tick resume a pause, could be lost.
+    """
+    if table == "enrollments":
+        return 1
+    if table == "parked" or (table == "resume-index" and delete):
+        return 2
+    return 0
+
 
 class Pipeline:
     """The worker's streaming half: its topics, state tables and batch processing, and the sink."""
@@ -100,7 +118,8 @@ class Pipeline:
         self.status_out = names["status-changes"]
         self.dead_out = names["dead-letters"]
         all_tables = [t for kind in ("contact", "message", "automation") for t in TABLES_BY_KIND[kind]]
-        self.tables = StateTables(settings.data_dir / "state" / self.group_id, self.group_id, all_tables)
+        self.tables = StateTables(settings.data_dir / "state" / self.group_id, self.group_id, all_tables,
+                                  commit_phase)
 
     def tables_of_topic(self, topic: str) -> tuple[str, ...]:
         """The state tables partitioned like ``topic`` (owned with its partitions)."""

@@ -22,7 +22,7 @@ import shutil
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from rocksdict import Options, Rdict, WriteBatch
 
@@ -116,10 +116,14 @@ class StateTables:
     and state are still being made durable.
     """
 
-    def __init__(self, root: Path, group: str, tables: list[str]) -> None:
+    def __init__(self, root: Path, group: str, tables: list[str],
+                 phase: Callable[[str, bool], int] | None = None) -> None:
         self.root = root
         self.group = group
         self.tables = list(tables)
+        #: (table, is a delete) -> the write's phase: a layer's changelog records are sent phase by
+        #: phase, each acknowledged before the next is sent (see :meth:`commit_layer`)
+        self.phase = phase or (lambda table, delete: 0)
         self._stores: dict[tuple[str, int], PartitionStore] = {}
         self._open: dict[tuple[str, int], dict[bytes, bytes | None]] = {}
         self._layers: deque[dict[tuple[str, int], dict[bytes, bytes | None]]] = deque()
@@ -192,15 +196,30 @@ class StateTables:
         """Make the oldest sealed layer durable: changelog first (acknowledged), then the local
         stores with their markers; returns the number of records written. ``producer`` is an
         :class:`agents.produce.BatchProducer`. On a failed send nothing is applied locally and the
-        layer stays (retry, or :meth:`discard`)."""
+        layer stays (retry, or :meth:`discard`).
+
+        A process killed while the changelog records are sent leaves part of the layer in the
+        changelogs, and a recovery from them gives that part. The records go out phase by phase
+        (each acknowledged before the next is sent), so that the part that can be left is one
+        the tables tolerate: e.g. an automation's definition before the enrollments applied
+        under it, the enrollments before the parked events they took in (a parked event deleted
+        while the enrollment that applied it was not written would be lost)."""
         if not self._layers or self._layers[0] is not layer:
             raise RuntimeError("state layers must be committed in the order they were sealed")
         if not layer:
             self._layers.popleft()
             return 0
-        last = await producer.send_all(
-            (self.topic(table), key, value, partition)
-            for (table, partition), writes in layer.items() for key, value in writes.items())
+        phases: dict[int, list[tuple[str, bytes, bytes | None, int]]] = {}
+        for (table, partition), writes in layer.items():
+            topic = self.topic(table)
+            put_phase, delete_phase = self.phase(table, False), self.phase(table, True)
+            for key, value in writes.items():
+                phases.setdefault(delete_phase if value is None else put_phase, []).append(
+                    (topic, key, value, partition))
+        last: dict = {}
+        for phase in sorted(phases):
+            for tp, offset in (await producer.send_all(phases[phase])).items():
+                last[tp] = max(offset, last.get(tp, -1))
         written = 0
         for (table, partition), writes in layer.items():
             self.store(table, partition).write(writes, last[(self.topic(table), partition)])

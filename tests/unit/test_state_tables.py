@@ -222,3 +222,36 @@ def test_the_range_assignor_keeps_every_topic_of_a_partition_number_on_one_membe
             for p in partitions:
                 assert owner.setdefault(p, member) == member, (topic, p)
     assert sorted(owner) == list(range(8))
+
+
+def test_a_layer_reaches_the_changelogs_phase_by_phase_each_acknowledged_before_the_next(tmp_path):
+    """A kill during the sends can leave part of a layer in the changelogs: only a prefix of the phases
+    (see agents.app.commit_phase), never a parked event's removal without the enrollment that applied it."""
+    from agents.app import commit_phase
+
+    tables = StateTables(tmp_path, "g", ["enrollments", "parked", "resume-index", "automation-replicas"],
+                         commit_phase)
+    tables.put("parked", 0, b"a\x1fc1", None)
+    tables.put("resume-index", 0, b"a\x1fc2", None)
+    tables.put("enrollments", 0, b"a\x1fc1", b"applied the parked events")
+    tables.put("resume-index", 0, b"a\x1fc1", b"123")
+    tables.put("automation-replicas", 0, b"a", b"definition")
+    producer = FakeProducer()
+    batches = []
+    send_all = producer.send_all
+
+    async def recording(records):
+        records = list(records)
+        batches.append(sorted((topic.split("-", 1)[1].rsplit("-", 1)[0], key, value) for topic, key, value, _ in records))
+        return await send_all(records)
+
+    producer.send_all = recording
+    assert asyncio.run(tables.commit(producer)) == 5
+    assert batches == [
+        [("automation-replicas", b"a", b"definition"), ("resume-index", b"a\x1fc1", b"123")],
+        [("enrollments", b"a\x1fc1", b"applied the parked events")],
+        [("parked", b"a\x1fc1", None), ("resume-index", b"a\x1fc2", None)],
+    ]
+    index = tables.store("resume-index", 0)
+    assert index.marker == 1 and index.get(b"a\x1fc1") == b"123"  # the marker: the later of its two records
+    tables.close()
