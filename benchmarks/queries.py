@@ -16,8 +16,10 @@ fresh chDB path (migrated with ``sendtrail.migrate``):
 
 Then prints the median latency (``--runs`` runs, after one warm-up) of each
 endpoint's queries as the API runs them (``sendtrail.api.queries.Queries``,
-including the ``total`` count), twice: as loaded (parts not merged) and after
-``OPTIMIZE ... FINAL``; the ZIP export of 1,000,000 and of 100,000 rows
+including the ``total`` count), three times: as loaded (parts not merged),
+after ``OPTIMIZE ... FINAL``, and after small inserts of new versions as a
+running worker makes between merges (``--live-parts`` x ``--live-keys``
+contacts); the ZIP export of 1,000,000 and of 100,000 rows
 and 5,000,000 rows through the real HTTP route after a warm-up (rows/s,
 bytes, RSS growth over the start of each export, sampled every 10 ms; the
 process hosts the embedded ClickHouse, whose query buffers count too), and
@@ -143,6 +145,33 @@ def load(client, rows: int) -> dict:
             "contacts": contacts}
 
 
+def live_writes(client, parts: int, keys_per_part: int) -> dict:
+    """What a running worker adds between merges: ``parts`` small inserts, each with new versions of
+    ``keys_per_part`` contacts of ``a0`` (their step-3 node, step-0 message and enrollment: a waiting
+    contact moves on, another one starts waiting, a message gets opened). They land in small parts
+    beside the merged ones, so the reports' latest-state reads meet keys outside the largest part."""
+    t = time.perf_counter()
+    for i in range(parts):
+        lo, hi = i * keys_per_part, (i + 1) * keys_per_part
+        contacts = f"(SELECT concat('c', toString(number)) FROM numbers({lo}, {hi - lo}))"
+        client.command(
+            f"INSERT INTO {DB}.node_states SELECT * REPLACE ("
+            "if(state = 'waiting', 'done', if(cityHash64(contact_id) % 5 = 1, 'waiting', state)) AS state, "
+            "at + toIntervalDay(1) AS at, _version + 1 AS _version) "
+            f"FROM {DB}.node_states WHERE automation_id = 'a0' AND step_index = 3 AND contact_id IN {contacts}")
+        client.command(
+            f"INSERT INTO {DB}.messages SELECT * REPLACE ("
+            "coalesce(opened_at, sent_at + toIntervalHour(2)) AS opened_at, _version + 1 AS _version) "
+            f"FROM {DB}.messages WHERE mailing_id = 'a0:0' AND contact_id IN {contacts}")
+        client.command(
+            f"INSERT INTO {DB}.enrollments SELECT * REPLACE ("
+            "if(status = 'in_progress', 'finished', status) AS status, "
+            "if(status = 'in_progress', 'completed', reason) AS reason, "
+            "if(status = 'in_progress', -1, current_step) AS current_step, _version + 1 AS _version) "
+            f"FROM {DB}.enrollments WHERE automation_id = 'a0' AND contact_id IN {contacts}")
+    return {"parts": parts, "keys_per_part": keys_per_part, "seconds": round(time.perf_counter() - t, 1)}
+
+
 def parts(client) -> dict:
     rows = client.query(
         "SELECT table, count() FROM system.parts WHERE database = {db:String} AND active GROUP BY table",
@@ -244,6 +273,9 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="keep the dataset already at --path (loaded by an earlier run with --keep): "
                          "apply pending migrations to it and skip the load")
+    ap.add_argument("--live-parts", type=int, default=10,
+                    help="after the merged phase: small inserts of new versions, as a running worker makes (0: skip)")
+    ap.add_argument("--live-keys", type=int, default=5_000, help="contacts of a0 updated per live insert")
     args = ap.parse_args()
 
     path = args.path or tempfile.mkdtemp(prefix="sendtrail-bench-")
@@ -285,6 +317,12 @@ def main() -> None:
             result["parts_merged"] = parts(client)
             print(f"query medians after OPTIMIZE FINAL ({result['optimize_seconds']} s):", flush=True)
             result["query_ms_merged"] = bench_queries(deps, args.runs)
+            if args.live_parts:
+                result["live_writes"] = live_writes(client, args.live_parts, args.live_keys)
+                result["parts_live"] = parts(client)
+                print(f"query medians with live writes ({result['live_writes']}; parts: {result['parts_live']}):",
+                      flush=True)
+                result["query_ms_live"] = bench_queries(deps, args.runs)
 
         exports = {}
         # warm-up (threads, allocator caches), then 100k, 1M and 5M rows: RSS growth must not follow the rows
@@ -310,6 +348,8 @@ def main() -> None:
         final = result.get("query_ms_merged") or result["query_ms_as_loaded"]
         result["slow_queries_merged"] = {k: v for k, v in final.items() if v >= TARGET_MS}
         result["slow_queries_as_loaded"] = {k: v for k, v in result["query_ms_as_loaded"].items() if v >= TARGET_MS}
+        if "query_ms_live" in result:
+            result["slow_queries_live"] = {k: v for k, v in result["query_ms_live"].items() if v >= TARGET_MS}
         one_m = exports.get("1000000") or max(exports.values(), key=lambda e: e["rows"])
         result["export_1m_rows_per_s"] = one_m["rows_per_s"]
         result["export_1m_seconds"] = one_m["seconds"]
