@@ -116,15 +116,25 @@ def _drain(state: dict | None, parked: list[dict], automation: dict | None, out:
 
 def contact_step(state: dict | None, parked: list[dict] | None, event: dict, automation: dict | None,
                  partition: int, offset: int, now_ms: int | None = None) -> ContactResult:
-    """Apply one event of ``enrollments``, ``sends`` or ``internal.to-contacts`` to one key."""
+    """Apply one event of ``enrollments``, ``sends`` or ``internal.to-contacts`` to one key.
+
+    Events parked before this one go first when they can: they arrived first. (A recovery can give
+    a key parked events and a known definition before the replayed definition has unparked them;
+    a re-enrollment applied ahead of them would be judged against a run whose end is still parked.)
+    """
     out = Output()
+    drained = False
+    if parked and automation is not None:
+        state, remaining = _drain(state, parked, automation, out, now_ms)
+        drained = len(remaining) != len(parked)
+        parked = remaining or None
     if needs_parking(state, event, automation):
         parked = list(parked or [])
         parked.append({"event": event, "partition": partition, "offset": offset})
-        return ContactResult(state, parked, False, True, out)
+        return ContactResult(state, parked, drained, True, out)
     new_state, state_changed = _apply_one(state, event, automation, out, partition, offset, now_ms)
     if not parked:
-        return ContactResult(new_state, parked, state_changed, False, out)
+        return ContactResult(new_state, parked, state_changed or drained, drained, out)
     # The enrollment (or the definition) arrived: apply what waited for it.
     new_state, remaining = _drain(new_state, parked, automation, out, now_ms)
     return ContactResult(new_state, remaining or None, True, True, out)

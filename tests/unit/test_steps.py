@@ -191,3 +191,22 @@ def test_an_archived_automation_gives_the_engine_one_definition_object():
     assert engine_automation(other)["archived_at"] == 9
     live = {"defn": {"automation_id": "a2"}}
     assert engine_automation(live) is live["defn"] and engine_automation(None) is None
+
+
+def test_events_parked_earlier_go_before_a_new_one_once_the_definition_is_known():
+    """A recovery can give a key the events parked while its automation was unknown together with the
+    definition (the unpark that followed was lost with the crashed attempt). The next events of the key
+    must not overtake them: a re-enrollment after the first run's end starts a second run."""
+    unlimited = dict(AUTOMATION, participation="unlimited")
+    first = parsed("contact.enrolled", event_id="e1", occurred_at="2026-01-01T00:00:00Z", needs_enrichment=False)
+    end = parsed("contact.finished", event_id="f1", occurred_at="2026-01-02T00:00:00Z", reason="manual")
+    again = parsed("contact.enrolled", event_id="e2", occurred_at="2026-01-03T00:00:00Z", needs_enrichment=False)
+    waiting = steps.contact_step(None, None, first, None, 0, 1)  # parked: the definition is not known yet
+    assert waiting.state is None and len(waiting.parked) == 1
+    r = steps.contact_step(waiting.state, waiting.parked, end, unlimited, 0, 2)
+    assert r.parked is None and r.state_changed and r.parked_changed
+    r = steps.contact_step(r.state, r.parked, again, unlimited, 0, 3)
+    views = steps.enrollment.view(r.state, unlimited)
+    assert [(v["run"], v["status"], v["reason"]) for v in views] == [
+        (0, "finished", "manual"), (1, "ready", None)]
+    assert not r.state.get("ignored")
