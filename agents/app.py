@@ -37,6 +37,7 @@ from schemas.parser import Rejection, parse_event, to_rfc3339
 from schemas.topics import topic_names
 from sendtrail.metrics import Metrics
 from sendtrail.settings import Settings
+from streams import counters as counterlib
 from streams import rows as rowlib
 from streams import steps
 from streams.engine import enrollment
@@ -72,13 +73,35 @@ class Batch:
     state_writers: list = field(default_factory=list)  # stage the batch's state, once it is processed
     consumed: dict = field(default_factory=dict)  # (topic, event type) -> valid events, for the metrics
     transitions: dict = field(default_factory=dict)  # (kind, from, to) -> status changes, for the metrics
+    counts: dict = field(default_factory=dict)  # (counters table, partition) -> key -> count differences
+    pending_rows: dict | None = None  # counter rows carried by this batch (a copy of Pipeline.pending_rows)
 
 
 TABLES_BY_KIND = {
-    "contact": ("enrollments", "parked", "resume-index", "automation-replicas"),
-    "message": ("messages",),
+    "contact": ("enrollments", "parked", "resume-index", "automation-replicas", "contact-counters"),
+    "message": ("messages", "message-counters"),
     "automation": ("automations",),
 }
+
+#: kind of partition -> (state table of its keys, state table of its totals, the counters tables it writes)
+COUNTED = {
+    "contact": ("enrollments", "contact-counters", ("node_counters", "status_counters")),
+    "message": ("messages", "message-counters", ("mailing_counters",)),
+}
+#: counters table -> (prefix of its totals' keys in the totals table, row builder)
+COUNTER_KEYS = {
+    "node_counters": (b"n", counterlib.node_counter_row),
+    "status_counters": (b"s", counterlib.status_counter_row),
+    "mailing_counters": (b"m", counterlib.mailing_counter_row),
+}
+#: the totals table's record saying its partition's totals count every key (from its first batch, or
+#: recounted)
+COUNTED_MARK = b"counted"
+#: how often counter rows are written: each batch changes totals, the last value per total is written
+#: at most this often (every chDB insert has a fixed cost, 3 more tables per batch would add it)
+COUNTER_FLUSH_SECONDS = 1.0
+#: counters table -> width of the rows' key (the counter's key and its partition)
+COUNTER_ROW_KEY = {"node_counters": 3, "status_counters": 3, "mailing_counters": 5, "counter_coverage": 2}
 
 def commit_phase(table: str, delete: bool) -> int:
     """The order in which a batch's state reaches the changelogs (``StateTables.commit_layer``).
@@ -120,6 +143,12 @@ class Pipeline:
         all_tables = [t for kind in ("contact", "message", "automation") for t in TABLES_BY_KIND[kind]]
         self.tables = StateTables(settings.data_dir / "state" / self.group_id, self.group_id, all_tables,
                                   commit_phase)
+        #: counter rows not written yet, the latest per (table, total): they go with a batch every
+        #: ``counter_flush_seconds`` (and with the first batch after an assignment) until one is durable
+        self.pending_rows: dict[str, dict[tuple, tuple]] = {}
+        self.counter_flush_seconds = COUNTER_FLUSH_SECONDS
+        self._next_counter_flush = 0.0
+        self._counter_version = 0
 
     def tables_of_topic(self, topic: str) -> tuple[str, ...]:
         """The state tables partitioned like ``topic`` (owned with its partitions)."""
@@ -156,6 +185,12 @@ class Pipeline:
             self.process_messages(ctx, by_kind["message"])
         for write_state in ctx.state_writers:
             write_state()
+        self._settle_counters(ctx)
+        if self.pending_rows and time.monotonic() >= self._next_counter_flush:
+            ctx.pending_rows = self._pending_copy()
+            for table, table_rows in ctx.pending_rows.items():
+                ctx.rows.setdefault(table, []).extend(table_rows.values())
+            self._next_counter_flush = time.monotonic() + self.counter_flush_seconds
         metrics = self.metrics
         for (topic, type_), n in ctx.consumed.items():
             metrics.consumed(topic, type_, n)
@@ -255,6 +290,7 @@ class Pipeline:
         """
         # The two are independent: Kafka acknowledges while ClickHouse inserts. Both must succeed.
         await asyncio.gather(self._send_all(ctx.sends), self._write_rows(ctx.rows))
+        self.counter_rows_written(ctx.pending_rows)
         now_ms = time.time() * 1000.0
         observe = self.metrics.observe_latency
         for rec in ctx.events:
@@ -302,6 +338,7 @@ class Pipeline:
             if count > ignored.get(key, 0):
                 self.metrics.ignored_enrollment("other", count - ignored.get(key, 0))
             ignored[key] = count
+            self._count_contact(ctx, partition, res.state, res.output)
             states[key] = res.state
             parked[key] = res.parked
             old = dirty.get(key)
@@ -349,7 +386,9 @@ class Pipeline:
                 # replayed too, and snapshots the automation's keys then (see _fan_out). A
                 # snapshot now would guess the nodes without the steps.
                 continue
-            self._queue_output(ctx, steps.contact_snapshot(state, defn, node_span(replica)))
+            snapshot = steps.contact_snapshot(state, defn, node_span(replica))
+            self._count_contact(ctx, partition, state, snapshot)
+            self._queue_output(ctx, snapshot)
             entry = dirty.get(key)
             dirty[key] = (partition, state, park, True, entry[4] if entry else False)
 
@@ -467,14 +506,18 @@ class Pipeline:
                 states[key] = orjson.loads(raw) if raw else None
             res = steps.message_step(states[key], ev, partition, rec.offset)
             states[key] = res.state
+            self._count_message(ctx, partition, res.state, res.output)
             if res.changed or in_replay:
                 dirty[key] = partition
             if in_replay:
                 replayed.add(key)
             self._queue_output(ctx, res.output)
         for key in replayed:
-            if states.get(key) is not None:
-                self._queue_output(ctx, steps.message_snapshot(states[key]))
+            state = states.get(key)
+            if state is not None:
+                snapshot = steps.message_snapshot(state)
+                self._count_message(ctx, dirty[key], state, snapshot)
+                self._queue_output(ctx, snapshot)
 
         def write_state() -> None:
             for key, partition in dirty.items():
@@ -482,6 +525,187 @@ class Pipeline:
                     tables.put("messages", partition, key, _dumps(states[key]))
 
         ctx.state_writers.append(write_state)
+
+    # ---- report counters (streams.counters) ------------------------------------------------------
+
+    def _pend(self, table: str, rows: Iterable[tuple]) -> None:
+        pending = self.pending_rows.setdefault(table, {})
+        width = COUNTER_ROW_KEY[table]
+        for row in rows:
+            pending[row[:width]] = row
+
+    def _pending_copy(self) -> dict[str, dict[tuple, tuple]]:
+        return {table: dict(rows) for table, rows in self.pending_rows.items() if rows}
+
+    def counter_rows_written(self, written: dict | None) -> None:
+        """Counter rows are durable: drop them from the pending ones (unless a newer row replaced them)."""
+        for table, rows in (written or {}).items():
+            pending = self.pending_rows.get(table)
+            if not pending:
+                continue
+            for key, row in rows.items():
+                if pending.get(key) is row:
+                    del pending[key]
+
+    @property
+    def has_pending_rows(self) -> bool:
+        return any(self.pending_rows.values())
+
+    async def flush_counter_rows(self) -> None:
+        """Write the pending counter rows now (before a clean stop)."""
+        if self.has_pending_rows:
+            rows = self._pending_copy()
+            await self._write_rows({table: list(r.values()) for table, r in rows.items()})
+            self.counter_rows_written(rows)
+
+    @staticmethod
+    def _acc(ctx: "Batch", table: str, partition: int) -> dict:
+        acc = ctx.counts.get((table, partition))
+        if acc is None:
+            acc = ctx.counts[(table, partition)] = {}
+        return acc
+
+    def _count_contact(self, ctx: "Batch", partition: int, state: dict | None, out: steps.Output) -> None:
+        """Count the enrollment and node rows a key emits (``state["cc"]``: what it counted before)."""
+        emitted = out.rows
+        if state is None or ("enrollments" not in emitted and "node_states" not in emitted):
+            return
+        state["cc"] = counterlib.count_contact_rows(
+            state.get("cc"), emitted, self._acc(ctx, "node_counters", partition),
+            self._acc(ctx, "status_counters", partition))
+
+    def _count_message(self, ctx: "Batch", partition: int, state: dict | None, out: steps.Output) -> None:
+        """Count the messages rows a message emits (``state["cc"]``: what it counted before)."""
+        emitted = out.rows.get("messages")
+        if state is None or not emitted:
+            return
+        state["cc"] = counterlib.count_message_rows(state.get("cc"), emitted,
+                                                    self._acc(ctx, "mailing_counters", partition))
+
+    def counter_version(self) -> int:
+        """The version of counter rows written now: the wall clock in microseconds, strictly increasing
+        in this process. A partition's next owner (after a crash or a rebalance) starts later than
+        its predecessor wrote, so its rows win (workers' clocks are assumed to agree within the
+        seconds a handover takes)."""
+        version = max(self._counter_version + 1, time.time_ns() // 1000)
+        self._counter_version = version
+        return version
+
+    def _settle_counters(self, ctx: "Batch") -> None:
+        """Add the batch's count differences to the partitions' totals (staged with the batch's state)
+        and queue a row per changed total. A total that would go below zero (totals that do not match
+        the keys' ``cc``; a bug) is logged and its partition recounted."""
+        if not ctx.counts:
+            return
+        version = self.counter_version()
+        tables = self.tables
+        recount = set()
+        for (table, partition), deltas in ctx.counts.items():
+            kind = "message" if table == "mailing_counters" else "contact"
+            totals_table = COUNTED[kind][1]
+            prefix, build = COUNTER_KEYS[table]
+            current = {}
+            for key in deltas:
+                raw = tables.get(totals_table, partition, prefix + _dumps(key))
+                if raw is not None:
+                    current[key] = orjson.loads(raw)
+            changed, negative = counterlib.merge(current, deltas)
+            if negative:
+                log.error("report counters of %s partition %d would go below zero (%s); recounting the partition",
+                          table, partition, negative[:3])
+                recount.add((kind, partition))
+                continue
+            for key, counts in changed.items():
+                tables.put(totals_table, partition, prefix + _dumps(key), _dumps(counts))
+            self._pend(table, [build(key, partition, counts, version) for key, counts in changed.items()])
+        for kind, partition in sorted(recount):
+            for table, table_rows in self.recount(kind, partition, "mismatch").items():
+                self._pend(table, table_rows)
+
+    def recount(self, kind: str, partition: int, cause: str) -> dict[str, list]:
+        """Count a partition's totals again from every key's ``cc`` (staged writes included), stage them
+        and return their rows (a zero row for a total that no key counts any more) and the coverage
+        rows. A key stored before the counters existed (no ``cc``) is counted as its snapshot would
+        be written, and its ``cc`` staged."""
+        keys_table, totals_table, counter_tables = COUNTED[kind]
+        tables = self.tables
+        accs: dict[str, dict] = {t: {} for t in counter_tables}
+        if kind == "contact":
+            counterlib.contact_totals(self._contact_ccs(partition), accs["node_counters"], accs["status_counters"])
+        else:
+            counterlib.message_totals(self._message_ccs(partition), accs["mailing_counters"])
+        stale = {key for key, _ in tables.items(totals_table, partition) if key != COUNTED_MARK}
+        version = self.counter_version()
+        out: dict[str, list] = {}
+        by_prefix = {COUNTER_KEYS[t][0]: t for t in counter_tables}
+        for table in counter_tables:
+            prefix, build = COUNTER_KEYS[table]
+            rows_out = out.setdefault(table, [])
+            for key, counts in accs[table].items():
+                record = prefix + _dumps(key)
+                stale.discard(record)
+                tables.put(totals_table, partition, record, _dumps(counts))
+                rows_out.append(build(key, partition, counts, version))
+        for record in sorted(stale):
+            table = by_prefix[record[:1]]
+            prefix, build = COUNTER_KEYS[table]
+            tables.put(totals_table, partition, record, None)
+            zero = [0] * len(counterlib.MAILING_COUNTERS if table == "mailing_counters"
+                             else counterlib.NODE_COUNTERS if table == "node_counters"
+                             else counterlib.STATUS_COUNTERS)
+            out[table].append(build(tuple(orjson.loads(record[1:])), partition, zero, version))
+        tables.put(totals_table, partition, COUNTED_MARK, b"1")
+        out["counter_coverage"] = [counterlib.coverage_row(t, partition, self.settings.partitions, version)
+                                   for t in counter_tables]
+        self.metrics.counters_recounted(f"{kind}s", cause)
+        return out
+
+    def _contact_ccs(self, partition: int) -> Iterable[tuple[str, dict | None]]:
+        sep = SEP.encode()
+        replicas: dict = {}
+        for key, raw in self.tables.items("enrollments", partition):
+            state = orjson.loads(raw)
+            aid = key.split(sep, 1)[0].decode()
+            if "cc" not in state and state.get("runs"):
+                replica = self._replica(partition, aid, replicas)
+                defn = engine_automation(replica)
+                if defn is None:
+                    continue  # no rows without the definition (see process_contacts)
+                snapshot = steps.contact_snapshot(orjson.loads(raw), defn, node_span(replica))
+                state["cc"] = counterlib.count_contact_rows(None, snapshot.rows, {}, {})
+                self.tables.put("enrollments", partition, key, _dumps(state))
+            yield aid, state.get("cc")
+
+    def _message_ccs(self, partition: int) -> Iterable[list | None]:
+        for key, raw in self.tables.items("messages", partition):
+            state = orjson.loads(raw)
+            if "cc" not in state:
+                snapshot = steps.message_snapshot(orjson.loads(raw))
+                state["cc"] = counterlib.count_message_rows(None, snapshot.rows.get("messages") or (), {})
+                self.tables.put("messages", partition, key, _dumps(state))
+            yield state.get("cc")
+
+    def counters_assigned(self, assigned: Iterable[Any], unclean: set) -> None:
+        """After a recovery: recount the totals of every assigned partition whose last owner did not stop
+        cleanly (``unclean``: its changelogs may hold part of a batch, keys without their totals) or
+        that was never counted, and queue its rows; queue a coverage row for every other one. They go
+        with the next batch. The caller commits the staged totals."""
+        parts: dict[tuple[str, int], bool] = {}
+        for tp in assigned:
+            kind = (self.kind_of_topic.get(tp.topic) or "").replace("-internal", "")
+            if kind in COUNTED:
+                parts[(kind, tp.partition)] = parts.get((kind, tp.partition), False) or tp in unclean
+        version = self.counter_version()
+        for (kind, partition), dirty in sorted(parts.items()):
+            totals_table, counter_tables = COUNTED[kind][1], COUNTED[kind][2]
+            if dirty or self.tables.get(totals_table, partition, COUNTED_MARK) is None:
+                found = self.recount(kind, partition, "unclean" if dirty else "first")
+            else:
+                found = {"counter_coverage": [counterlib.coverage_row(t, partition, self.settings.partitions, version)
+                                              for t in counter_tables]}
+            for table, table_rows in found.items():
+                self._pend(table, table_rows)
+        self._next_counter_flush = 0.0
 
     # ---- automations ----------------------------------------------------------------------------
 

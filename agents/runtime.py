@@ -193,6 +193,15 @@ class Runtime:
             self.assignment = set(assigned)
             self.durable = {}
             self.replay_until = await self._replay_ranges(assigned)
+            try:
+                # report counters: recount the partitions a crash may have left with part of a batch
+                self.pipeline.counters_assigned(assigned, set(self.replay_until))
+                await self.tables.commit(self.pipeline.producer)
+            except Exception as exc:
+                log.exception("recounting the report counters failed; stopping the worker")
+                self.fatal = exc
+                self._stopping.set()
+                raise
         self.metrics.rebalanced("assigned")
         log.info("assigned %d partitions: %s", len(assigned),
                  ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)))
@@ -253,6 +262,14 @@ class Runtime:
         """After a drain: commit the durable offsets of ``partitions`` as ``CLEAN`` (every record
         below them is durable and none above was processed), unless records above them may have
         had effects emitted (a failed batch not processed again yet)."""
+        try:
+            await self.pipeline.flush_counter_rows()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("could not write the report counter rows; the next owner recounts", exc_info=True)
+        if self.pipeline.has_pending_rows:
+            return  # not a clean stop: the next owner recounts the counters
         offsets = {}
         for tp in partitions:
             off = self.durable.get(tp, self.committed.get(tp))

@@ -1,6 +1,6 @@
 """Report-query and export benchmark over 10 million recipient rows (embedded chDB).
 
-    python benchmarks/queries.py [--rows 10000000] [--runs 20] [--path DIR] [--keep] [--reuse]
+    python benchmarks/queries.py [--rows 10000000] [--runs 20] [--path DIR] [--keep] [--reuse] [--counters]
 
 (``--path DIR --keep`` keeps the dataset; ``--path DIR --reuse`` measures it
 again without loading, after applying any pending migration to it.)
@@ -12,7 +12,14 @@ fresh chDB path (migrated with ``sendtrail.migrate``):
   4 steps per contact, so ``rows / 4`` contacts and enrollments;
 * automations: ``a0`` holds half the rows, ``a1`` 1,000,000 rows (the export),
   ``a2`` 100,000 rows (the small export), ``a3``..``a9`` the rest;
-* node_states: every step done, except every 5th contact waits at step 3.
+* node_states: every step done, except every 5th contact waits at step 3;
+* with ``--counters``: the worker's report counters (migration 009) over 8
+  partitions, every partition covered, as a worker that counted from the start
+  holds them (the report, automation totals, contact totals and mailings then
+  read them); the live phase then also writes, after each small insert, the
+  counter rows of the keys it changed at a higher version, as the worker does
+  after each batch. Without it the counter tables are emptied (so a reused
+  dataset counts the latest state).
 
 Then prints the median latency (``--runs`` runs, after one warm-up) of each
 endpoint's queries as the API runs them (``sendtrail.api.queries.Queries``,
@@ -52,6 +59,7 @@ DB = "bench"
 # merged by the "after OPTIMIZE FINAL" phase: the big tables and the derived ones (migrations 007, 008)
 OPTIMIZED_TABLES = ("recipients", "messages", "enrollments", "node_states", "status_changes", "mailing_info",
                     "send_index", "mailing_sort")
+COUNTER_PARTITIONS = 8
 TARGET_MS = 100.0
 TARGET_EXPORT_ROWS_S = 300_000
 
@@ -145,12 +153,82 @@ def load(client, rows: int) -> dict:
             "contacts": contacts}
 
 
-def live_writes(client, parts: int, keys_per_part: int) -> dict:
+_COMPLETED = "status = 'finished' AND ifNull(reason, '') = 'completed'"
+# counters table -> (source table FINAL, key columns, column whose hash gives the partition, counter columns
+# with their count over the source's latest rows): what streams/counters.py counts per (key, partition)
+COUNTERS = {
+    "mailing_counters": ("messages", ("mailing_id", "channel", "automation_id", "step_index"), "message_id", (
+        ("total_sent", "count()"), ("delivered", "countIf(delivered_at IS NOT NULL)"),
+        ("opened", "countIf(opened_at IS NOT NULL)"), ("clicked", "countIf(clicked_at IS NOT NULL)"),
+        ("bounced", "countIf(bounced_at IS NOT NULL)"), ("dropped", "countIf(dropped_at IS NOT NULL)"),
+        ("deferred", "countIf(deferred_at IS NOT NULL)"), ("spam_reports", "countIf(spam_reported_at IS NOT NULL)"),
+        ("unsubscribed", "countIf(unsubscribed_at IS NOT NULL)"))),
+    "node_counters": ("node_states", ("automation_id", "step_index"), "contact_id", (
+        ("done", "countIf(state = 'done')"), ("waiting", "countIf(state = 'waiting')"),
+        ("filtered", "countIf(state = 'filtered')"), ("stopped", "countIf(state = 'stopped')"))),
+    "status_counters": ("enrollments", ("automation_id", "status"), "contact_id", (
+        ("runs", "count()"), ("contacts", "countIf(run = 0)"), ("ignored_enrollments", "sum(ignored_enrollments)"),
+        ("completed", f"countIf({_COMPLETED})"), ("in_progress", "countIf(current_step > 0)"),
+        ("not_started", "countIf(current_step = 0)"),
+        ("left_runs", f"countIf(current_step < 0 AND NOT ({_COMPLETED}))"))),
+}
+
+
+def count_counters(client, table: str, partitions: int, version: int, where: str = "", params: dict | None = None
+                   ) -> None:
+    """Insert ``table``'s counter rows (``version``) per (key, partition) counted from the source's latest
+    state (FINAL) matching ``where`` (a condition on the key columns and ``p``, the partition). With
+    ``where``, the keys the counters table holds there get a row too (zeros when nothing counts there any
+    more): the worker writes a key it counted before even when its counts went to 0."""
+    source, keys, hashed, counts = COUNTERS[table]
+    key_sql = ", ".join(keys)
+    names = ", ".join(name for name, _ in counts)
+    aliases = [f"_n{i}" for i in range(len(counts))]  # (an alias equal to a column inside its aggregate is ambiguous)
+    counted = (f"SELECT {key_sql}, toUInt32(cityHash64({hashed}) % {partitions}) AS p, "
+               + ", ".join(f"toUInt64({expr}) AS {a}" for (_, expr), a in zip(counts, aliases))
+               + f" FROM {DB}.{source} FINAL {'WHERE ' + where if where else ''} GROUP BY {key_sql}, p")
+    if where:
+        held = (f"SELECT {key_sql}, partition AS p, " + ", ".join(f"toUInt64(0) AS {a}" for a in aliases)
+                + f" FROM {DB}.{table} FINAL WHERE {where}")
+        body = (f"SELECT {key_sql}, p, " + ", ".join(f"sum({a})" for a in aliases)
+                + f", {version} FROM ({counted} UNION ALL {held}) GROUP BY {key_sql}, p")
+    else:
+        body = f"SELECT {key_sql}, p, {', '.join(aliases)}, {version} FROM ({counted})"
+    client.command(f"INSERT INTO {DB}.{table} ({key_sql}, partition, {names}, _version) {body}",
+                   parameters=params or None)
+
+
+def load_counters(client, partitions: int = COUNTER_PARTITIONS) -> dict:
+    """The worker's report counters (migration 009) as a worker that counted from the start holds them: per
+    (key, partition) over ``partitions`` partitions (by a hash of the message / contact id, the topics'
+    keys), counted from the latest state, and every partition covered."""
+    t = time.perf_counter()
+    clear_counters(client)
+    for table in COUNTERS:
+        count_counters(client, table, partitions, 1)
+    client.command(
+        f"INSERT INTO {DB}.counter_coverage SELECT c, number, {partitions}, 1 FROM numbers({partitions}) "
+        "ARRAY JOIN ['mailing_counters', 'node_counters', 'status_counters'] AS c")
+    return {"counters_seconds": round(time.perf_counter() - t, 1), "counter_partitions": partitions}
+
+
+def clear_counters(client) -> None:
+    for table in (*COUNTERS, "counter_coverage"):
+        client.command(f"TRUNCATE TABLE {DB}.{table}")
+
+
+def live_writes(client, parts: int, keys_per_part: int, counters: bool = False) -> dict:
     """What a running worker adds between merges: ``parts`` small inserts, each with new versions of
     ``keys_per_part`` contacts of ``a0`` (their step-3 node, step-0 message and enrollment: a waiting
     contact moves on, another one starts waiting, a message gets opened). They land in small parts
-    beside the merged ones, so the reports' latest-state reads meet keys outside the largest part."""
+    beside the merged ones, so the reports' latest-state reads meet keys outside the largest part.
+
+    With ``counters``, after each insert the counter rows of the keys it changed (a0's statuses, a0's
+    step-3 node, mailing a0:0) are counted again from the tables' latest state in the partitions of the
+    changed contacts / messages and written at the next version, as the worker writes them after each
+    batch."""
     t = time.perf_counter()
+    counter_seconds = 0.0
     for i in range(parts):
         lo, hi = i * keys_per_part, (i + 1) * keys_per_part
         contacts = f"(SELECT concat('c', toString(number)) FROM numbers({lo}, {hi - lo}))"
@@ -169,7 +247,28 @@ def live_writes(client, parts: int, keys_per_part: int) -> dict:
             "if(status = 'in_progress', 'completed', reason) AS reason, "
             "if(status = 'in_progress', -1, current_step) AS current_step, _version + 1 AS _version) "
             f"FROM {DB}.enrollments WHERE automation_id = 'a0' AND contact_id IN {contacts}")
-    return {"parts": parts, "keys_per_part": keys_per_part, "seconds": round(time.perf_counter() - t, 1)}
+        if counters:
+            tc = time.perf_counter()
+            n = COUNTER_PARTITIONS
+            version = 2 + i  # the load wrote version 1
+            (of_contacts,), = client.query(
+                f"SELECT groupUniqArray(toUInt32(cityHash64(concat('c', toString(number))) % {n})) "
+                f"FROM numbers({lo}, {hi - lo})").result_rows
+            (of_messages,), = client.query(
+                f"SELECT groupUniqArray(toUInt32(cityHash64(message_id) % {n})) FROM {DB}.messages "
+                f"WHERE mailing_id = 'a0:0' AND contact_id IN {contacts}").result_rows
+            count_counters(client, "node_counters", n, version,
+                           "automation_id = 'a0' AND step_index = 3 AND p IN {ps:Array(UInt32)}",
+                           {"ps": of_contacts})
+            count_counters(client, "status_counters", n, version,
+                           "automation_id = 'a0' AND p IN {ps:Array(UInt32)}", {"ps": of_contacts})
+            count_counters(client, "mailing_counters", n, version,
+                           "mailing_id = 'a0:0' AND p IN {ps:Array(UInt32)}", {"ps": of_messages})
+            counter_seconds += time.perf_counter() - tc
+    out = {"parts": parts, "keys_per_part": keys_per_part, "seconds": round(time.perf_counter() - t, 1)}
+    if counters:
+        out["counters_seconds"] = round(counter_seconds, 1)
+    return out
 
 
 def parts(client) -> dict:
@@ -273,6 +372,11 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="keep the dataset already at --path (loaded by an earlier run with --keep): "
                          "apply pending migrations to it and skip the load")
+    ap.add_argument("--counters", action="store_true",
+                    help="fill the worker's report counters (migration 009) after the load as a worker that "
+                         "counted from the start would, every partition covered, and keep them up to date in the "
+                         "live phase (without: the counter tables are emptied and the queries count the latest "
+                         "state)")
     ap.add_argument("--live-parts", type=int, default=10,
                     help="after the merged phase: small inserts of new versions, as a running worker makes (0: skip)")
     ap.add_argument("--live-keys", type=int, default=5_000, help="contacts of a0 updated per live insert")
@@ -296,6 +400,12 @@ def main() -> None:
         else:
             print(f"loading {args.rows:,} recipient rows into {path} ...", flush=True)
             result.update(load(client, args.rows))
+        if args.counters:
+            result.update(load_counters(client))
+            print(f"counters filled in {result['counters_seconds']} s", flush=True)
+        else:
+            clear_counters(client)
+        result["counters"] = bool(args.counters)
         counts = dict(client.query(
             "SELECT 'recipients', count() FROM bench.recipients UNION ALL SELECT 'messages', count() FROM bench.messages "
             "UNION ALL SELECT 'enrollments', count() FROM bench.enrollments UNION ALL SELECT 'node_states', count() "
@@ -318,7 +428,7 @@ def main() -> None:
             print(f"query medians after OPTIMIZE FINAL ({result['optimize_seconds']} s):", flush=True)
             result["query_ms_merged"] = bench_queries(deps, args.runs)
             if args.live_parts:
-                result["live_writes"] = live_writes(client, args.live_parts, args.live_keys)
+                result["live_writes"] = live_writes(client, args.live_parts, args.live_keys, args.counters)
                 result["parts_live"] = parts(client)
                 print(f"query medians with live writes ({result['live_writes']}; parts: {result['parts_live']}):",
                       flush=True)

@@ -121,6 +121,19 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "static_list_members": (
         "list_id", "contact_id", "name", "email",
     ),
+    # report counters (migration 009; rows built by streams.counters, written by the worker)
+    "mailing_counters": (
+        "mailing_id", "channel", "automation_id", "step_index", "partition", "total_sent", "delivered",
+        "opened", "clicked", "bounced", "dropped", "deferred", "spam_reports", "unsubscribed", "_version",
+    ),
+    "node_counters": (
+        "automation_id", "step_index", "partition", "done", "waiting", "filtered", "stopped", "_version",
+    ),
+    "status_counters": (
+        "automation_id", "status", "partition", "runs", "contacts", "ignored_enrollments", "completed",
+        "in_progress", "not_started", "left_runs", "_version",
+    ),
+    "counter_coverage": ("counters", "partition", "partitions", "_version"),
 }
 
 #: Settings sent with every insert (the dedup token is added per insert).

@@ -118,6 +118,10 @@ SINK_TABLES: tuple[str, ...] = (
     "status_changes",
     "static_lists",
     "static_list_members",
+    "mailing_counters",
+    "node_counters",
+    "status_counters",
+    "counter_coverage",
 )
 
 OTHER = "other"
@@ -204,6 +208,11 @@ METRIC_DEFS: tuple[MetricDef, ...] = (
     MetricDef("sendtrail_changelog_records_written_total", "counter", (),
               "State-table changes written to the changelog topics (one per changed key per batch).",
               "changelog_records_written"),
+    MetricDef("sendtrail_report_recounts_total", "counter", ("partitions", "cause"),
+              "Partitions (contacts|messages) whose report counters were counted from their keys (cause: "
+              "unclean, after a stop that was not clean; first, never counted before; mismatch, totals that "
+              "did not match their keys).",
+              "report_recounts"),
     MetricDef("sendtrail_batches_total", "counter", ("outcome",),
               "Batches of consumed records by outcome (committed|failed; a failed batch is retried "
               "from the committed offsets).", "batches"),
@@ -560,6 +569,9 @@ class Metrics:
 
     def observe_recovery(self, seconds: float) -> None:
         self.state_recovery_duration.observe(max(seconds, 0.0))
+
+    def counters_recounted(self, partitions: str, cause: str) -> None:
+        self.report_recounts.labels(partitions=self._reason(partitions), cause=self._reason(cause)).inc()
 
     def changelog_written(self, records: int) -> None:
         self.changelog_records_written.inc(records)

@@ -9,7 +9,12 @@ Rules kept by every function here:
   node_states, messages, static lists) are read with ``FINAL``, so duplicate
   rows from replays are never counted twice; append-only tables
   (status_changes) too, since a re-emitted change is an identical row;
-* node states ``none`` (no longer at that node) are ignored.
+* node states ``none`` (no longer at that node) are ignored;
+* the worker's report counters (migration 009: ``mailing_counters``,
+  ``node_counters``, ``status_counters``) are read only while
+  ``counter_coverage`` covers every partition of that table
+  (:meth:`Queries.counters_cover`); otherwise, and for period-filtered
+  figures, the latest state is counted as before.
 
 Period selection (``from`` inclusive, ``to`` exclusive, UTC) of the report:
 
@@ -31,6 +36,7 @@ filtered out of the flow before the end (not among the three).
 from __future__ import annotations
 
 import datetime as _dt
+import time as _time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -190,6 +196,7 @@ class Queries:
 
         self.deps = deps
         self.db = check_identifier(deps.database)
+        self._covered: dict[str, float] = {}  # counters table -> monotonic time its full coverage was seen
 
     def t(self, table: str) -> str:
         return f"`{self.db}`.{table}"
@@ -217,6 +224,46 @@ class Queries:
         if known is not None:
             return known
         return int(await self._scalar(count_sql, params) or 0)
+
+    # ------------------------------------------------------------ report counters (migration 009)
+
+    COUNTER_TABLES = ("mailing_counters", "node_counters", "status_counters")
+
+    # a complete coverage is remembered this long (an incomplete one is read again on every call)
+    COVERAGE_TTL_S = 5.0
+
+    async def counters_cover(self, table: str) -> bool:
+        """Whether the worker's counters ``table`` (migration 009) count every key, so that summing its latest
+        rows (``FINAL``) over the partitions gives exactly what counting the latest state would.
+
+        ``counter_coverage`` holds one row per (counters table, partition) whose counters are complete, with
+        the topic's partition count N. The table is covered only when it has a row for every partition
+        0..N-1 and all its rows agree on N (a partition count that changed leaves rows with another N until
+        every partition is counted again). A complete coverage is remembered for ``COVERAGE_TTL_S`` seconds;
+        without access to ``counter_coverage`` (or without the table) nothing is covered."""
+        now = _time.monotonic()
+        seen = self._covered.get(table)
+        if seen is not None and now - seen < self.COVERAGE_TTL_S:
+            return True
+        try:
+            rows = await self.deps.query(
+                "SELECT counters, uniqExact(partition), min(partitions), max(partitions), max(partition) "
+                f"FROM {self.t('counter_coverage')} FINAL GROUP BY counters", {})
+        except Exception:
+            self._covered.clear()
+            return False
+        complete = set()
+        for name, covered, low, high, top in rows:
+            covered, low, high, top = int(covered), int(low), int(high), int(top)
+            # distinct partitions, all below N = their count: exactly 0..N-1
+            if covered > 0 and low == high == covered and top == covered - 1:
+                complete.add(str(name))
+        for name in self.COUNTER_TABLES:
+            if name in complete:
+                self._covered[name] = now
+            else:
+                self._covered.pop(name, None)
+        return table in complete
 
     # ------------------------------------------------------------ pages of a latest-state table
 
@@ -431,9 +478,17 @@ class Queries:
         p = {"a": automation_id}
         # one scan of the automation's enrollments: runs and contacts per status (runs are numbered from 0
         # per contact, so the run-0 rows count the contacts: no uniqExact)
-        status_rows = await self.deps.query(
-            f"SELECT status, count(), countIf(run = 0), sum(ignored_enrollments) FROM {self.t('enrollments')} FINAL "
-            "WHERE automation_id = {a:String} GROUP BY status ORDER BY status" + FINAL_SETTINGS, p)
+        if await self.counters_cover("status_counters"):
+            # the worker's counters (migration 009): a few rows per status; a status whose runs all left it
+            # keeps a row of zeros, which FINAL over enrollments would not list
+            status_rows = await self.deps.query(
+                "SELECT status, sum(runs) AS n, sum(contacts), sum(ignored_enrollments) "
+                f"FROM {self.t('status_counters')} FINAL WHERE automation_id = {{a:String}} "
+                "GROUP BY status HAVING n > 0 ORDER BY status", p)
+        else:
+            status_rows = await self.deps.query(
+                f"SELECT status, count(), countIf(run = 0), sum(ignored_enrollments) FROM {self.t('enrollments')} "
+                "FINAL WHERE automation_id = {a:String} GROUP BY status ORDER BY status" + FINAL_SETTINGS, p)
         # recipient rows never change; a message id identifies the row within its automation
         recipients = await self._latest_count(
             table="recipients", keys=("message_id",), key_types=("String",),
@@ -509,12 +564,20 @@ class Queries:
         props = await self.require_automation(automation_id)
         w = Where().add("automation_id = {a:String}", a=automation_id)
         period.apply(w, "at")
-        # one row per node with a countIf per state (2x faster than GROUP BY step_index, state); no filter on
+        # without a period, from the worker's counters when they cover every partition (migration 009); else
+        # one row per node with a countIf per state (2x faster than GROUP BY step_index, state), no filter on
         # state (the countIfs skip 'none'), so FINAL's output goes straight into the aggregation
-        node_rows = await self.deps.query(
-            "SELECT step_index, countIf(state = 'done'), countIf(state = 'waiting'), countIf(state = 'filtered'), "
-            f"countIf(state = 'stopped') FROM {self.t('node_states')} FINAL {w.sql()} GROUP BY step_index"
-            + FINAL_SETTINGS, w.params)
+        whole = period.start is None and period.end is None
+        if whole and await self.counters_cover("node_counters"):
+            node_rows = await self.deps.query(
+                "SELECT step_index, sum(done), sum(waiting), sum(filtered), sum(stopped) "
+                f"FROM {self.t('node_counters')} FINAL WHERE automation_id = {{a:String}} GROUP BY step_index",
+                {"a": automation_id})
+        else:
+            node_rows = await self.deps.query(
+                "SELECT step_index, countIf(state = 'done'), countIf(state = 'waiting'), "
+                f"countIf(state = 'filtered'), countIf(state = 'stopped') FROM {self.t('node_states')} FINAL "
+                f"{w.sql()} GROUP BY step_index" + FINAL_SETTINGS, w.params)
         counts: dict[int, dict[str, int]] = {}
         for step_index, *per_state in node_rows:
             if any(per_state):  # a node with only 'none' rows: no contact there
@@ -531,13 +594,19 @@ class Queries:
 
         ew = Where().add("automation_id = {a:String}", a=automation_id)
         period.apply(ew, "coalesce(enrolled_at, status_at)")
-        rows = await self.deps.query(
-            "SELECT status, count(), "
-            "countIf(status = 'finished' AND reason = 'completed'), "
-            "countIf(current_step > 0), countIf(current_step = 0), "
-            "countIf(current_step < 0 AND NOT (status = 'finished' AND ifNull(reason, '') = 'completed')) "
-            f"FROM {self.t('enrollments')} FINAL {ew.sql()} GROUP BY status ORDER BY status" + FINAL_SETTINGS,
-            ew.params)
+        if whole and await self.counters_cover("status_counters"):
+            rows = await self.deps.query(
+                "SELECT status, sum(runs) AS n, sum(completed), sum(in_progress), sum(not_started), sum(left_runs) "
+                f"FROM {self.t('status_counters')} FINAL WHERE automation_id = {{a:String}} "
+                "GROUP BY status HAVING n > 0 ORDER BY status", {"a": automation_id})
+        else:
+            rows = await self.deps.query(
+                "SELECT status, count(), "
+                "countIf(status = 'finished' AND reason = 'completed'), "
+                "countIf(current_step > 0), countIf(current_step = 0), "
+                "countIf(current_step < 0 AND NOT (status = 'finished' AND ifNull(reason, '') = 'completed')) "
+                f"FROM {self.t('enrollments')} FINAL {ew.sql()} GROUP BY status ORDER BY status" + FINAL_SETTINGS,
+                ew.params)
         statuses: dict[str, int] = {}
         completed = in_progress = not_started = left = 0
         for status, n, c, ip, ns, lf in rows:
@@ -591,7 +660,15 @@ class Queries:
                 final_sql=final_sql, final_params=final_params)
         else:
             cols, rows = await self._rows(final_sql, final_params)
-        total = await self._run_total(page, len(rows), "enrollments", w, fixed, changing)
+        total = self._known_total(page, len(rows))
+        if total is None and not q and run is None and await self.counters_cover("status_counters"):
+            sw = Where().add("automation_id = {a:String}", a=automation_id)
+            if status:
+                sw.add("status = {status:String}", status=status)
+            total = int(await self._scalar(
+                f"SELECT sum(runs) FROM {self.t('status_counters')} FINAL {sw.sql()}", sw.params) or 0)
+        if total is None:
+            total = await self._run_total(page, len(rows), "enrollments", w, fixed, changing)
         return {"items": shape(cols, rows), "total": total}
 
     async def _run_total(self, page: "Page", n_rows: int, table: str, w: Where, fixed: Where,
@@ -684,7 +761,16 @@ class Queries:
                     "LIMIT {limit:UInt64} OFFSET {offset:UInt64}")
             cols, rows = await self._rows(
                 sql + " SETTINGS join_use_nulls = 1, do_not_merge_across_partitions_select_final = 1", params)
-        total = await self._run_total(page, len(rows), "node_states", w, fixed, changing)
+        total = self._known_total(page, len(rows))
+        if (total is None and period.start is None and period.end is None and (state is None or state in NODE_STATES)
+                and await self.counters_cover("node_counters")):
+            states = [state] if state else list(NODE_STATES)  # column names from the allowlist
+            total = int(await self._scalar(
+                f"SELECT sum({' + '.join(states)}) FROM {self.t('node_counters')} FINAL "
+                "WHERE automation_id = {a:String} AND step_index = {step:UInt32}",
+                {"a": automation_id, "step": step_index}) or 0)
+        if total is None:
+            total = await self._run_total(page, len(rows), "node_states", w, fixed, changing)
         return {"items": shape(cols, rows), "total": total}
 
     NODE_CSV_HEADER = ("Contact ID", "Run", "Name", "Email", "State", "State At", "Status", "Reason",
@@ -836,7 +922,20 @@ class Queries:
         messages all share one (channel, automation, step) (``mailing_info`` says so; the usual
         ``<automation>:<step>`` mailing) matches the filter with all its messages: then only its
         primary-key range is read, without the filter columns, and with every mailing on the page
-        not even the mailing ids are compared."""
+        not even the mailing ids are compared.
+
+        When the worker's ``mailing_counters`` (migration 009) cover every partition, the counters are the
+        sums of their latest rows (a few per mailing) instead: their key holds the filter columns, so
+        filtering them is exact, and a mailing whose rows sum to no message is left out (as messages
+        FINAL would not list it)."""
+        if await self.counters_cover("mailing_counters"):
+            cw = Where(list(w.parts), dict(w.params))
+            if ids is not None:
+                cw.add("mailing_id IN {ids:Array(String)}", ids=ids)
+            sums = ", ".join(f"sum(c.{name}) AS {name}" for name in self._COUNTERS)
+            return await self._rows(
+                f"SELECT mailing_id, {sums} FROM {self.t('mailing_counters')} AS c FINAL {cw.sql()} "
+                "GROUP BY mailing_id HAVING total_sent > 0" + order_by, cw.params)
         rows = await self.deps.query(
             "SELECT uniqExact(mailing_id), groupArrayIf(mailing_id, n > 1) FROM (SELECT mailing_id, "
             f"uniqExact(channel, automation_id, step_index) AS n FROM {self.t('mailing_info')} GROUP BY mailing_id)",

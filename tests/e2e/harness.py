@@ -148,6 +148,32 @@ END_STATE_QUERIES = {
     "messages": "SELECT message_id, status, opens, clicks, bounce_class, "
                 + ", ".join(f"{f}_at IS NOT NULL" for f in FLAG_COLUMNS) + " FROM sendtrail.messages FINAL",
     "status_changes": "SELECT count(), uniqExact(change_id) FROM sendtrail.status_changes FINAL",
+    # the worker's report counters (migration 009) against the latest state they count
+    "node_counters": "SELECT automation_id, step_index, sum(done), sum(waiting), sum(filtered), sum(stopped) "
+                     "FROM sendtrail.node_counters FINAL GROUP BY automation_id, step_index "
+                     "HAVING sum(done) + sum(waiting) + sum(filtered) + sum(stopped) > 0",
+    "node_final": "SELECT automation_id, step_index, countIf(state = 'done'), countIf(state = 'waiting'), "
+                  "countIf(state = 'filtered'), countIf(state = 'stopped') FROM sendtrail.node_states FINAL "
+                  "WHERE state != 'none' GROUP BY automation_id, step_index",
+    "status_counters": "SELECT automation_id, status, sum(runs), sum(contacts), sum(ignored_enrollments), "
+                       "sum(completed), sum(in_progress), sum(not_started), sum(left_runs) "
+                       "FROM sendtrail.status_counters FINAL GROUP BY automation_id, status HAVING sum(runs) > 0",
+    "status_final": "SELECT automation_id, status, count(), countIf(run = 0), sum(ignored_enrollments), "
+                    "countIf(status = 'finished' AND ifNull(reason, '') = 'completed'), countIf(current_step > 0), "
+                    "countIf(current_step = 0), countIf(current_step < 0 AND NOT (status = 'finished' "
+                    "AND ifNull(reason, '') = 'completed')) FROM sendtrail.enrollments FINAL "
+                    "GROUP BY automation_id, status",
+    "mailing_counters": "SELECT mailing_id, channel, automation_id, step_index, sum(total_sent), sum(delivered), "
+                        "sum(opened), sum(clicked), sum(bounced), sum(dropped), sum(deferred), sum(spam_reports), "
+                        "sum(unsubscribed) FROM sendtrail.mailing_counters FINAL "
+                        "GROUP BY mailing_id, channel, automation_id, step_index HAVING sum(total_sent) > 0",
+    "mailing_final": "SELECT mailing_id, channel, automation_id, step_index, count(), countIf(delivered_at IS NOT NULL), "
+                     "countIf(opened_at IS NOT NULL), countIf(clicked_at IS NOT NULL), "
+                     "countIf(bounced_at IS NOT NULL), countIf(dropped_at IS NOT NULL), "
+                     "countIf(deferred_at IS NOT NULL), countIf(spam_reported_at IS NOT NULL), "
+                     "countIf(unsubscribed_at IS NOT NULL) FROM sendtrail.messages FINAL "
+                     "GROUP BY mailing_id, channel, automation_id, step_index",
+    "coverage": "SELECT counters, partition, partitions FROM sendtrail.counter_coverage FINAL",
 }
 
 
@@ -167,6 +193,11 @@ def read_end_state(path: Path) -> dict:
                                   "bounce_class": bounce_class or None, "flags": flags}
     state["ignored_enrollments"] = int(raw["ignored"][0][0] or 0)
     state["status_changes"] = raw["status_changes"][0]
+    for name in ("node", "status", "mailing"):
+        for source in ("counters", "final"):
+            state[f"{name}_{source}"] = sorted(tuple(int(v) if isinstance(v, (int, float)) else v for v in r)
+                                               for r in raw[f"{name}_{source}"])
+    state["coverage"] = sorted(tuple(r) for r in raw["coverage"])
     return state
 
 
@@ -210,6 +241,25 @@ def compare_with_oracle(state: dict, oracle: dict) -> list[str]:
     total, unique = state["status_changes"]
     if total != unique:
         diffs.append(f"status_changes: {total} rows but {unique} distinct change ids (a change counted twice)")
+    diffs.extend(compare_counters(state))
+    return diffs
+
+
+def compare_counters(state: dict) -> list[str]:
+    """The worker's report counters must count exactly the latest state, and cover every partition."""
+    diffs = []
+    for name in ("node", "status", "mailing"):
+        got, want = set(state[f"{name}_counters"]), set(state[f"{name}_final"])
+        for row in sorted(got - want, key=str)[:10]:
+            diffs.append(f"{name}_counters: counted {row}")
+        for row in sorted(want - got, key=str)[:10]:
+            diffs.append(f"{name}_counters: the latest state counts {row}")
+    partitions = {n for _, _, n in state["coverage"]}
+    covered = {(c, p) for c, p, _ in state["coverage"]}
+    n = max(partitions, default=0)
+    expected = {(c, p) for c in ("mailing_counters", "node_counters", "status_counters") for p in range(n)}
+    if len(partitions) != 1 or covered != expected:
+        diffs.append(f"counter_coverage: {state['coverage']}")
     return diffs
 
 

@@ -886,3 +886,196 @@ def test_pages_and_totals_over_a_merged_part_and_newer_rows(env):
         loop.close()
     finally:
         client.close()
+
+
+# ------------------------------------------------------------------ report counters (migration 009)
+
+COUNTER_PARTITIONS = 3
+
+
+def _fill_counters(client, db: str, version: int, *, scale: int = 1, shift: int = 0,
+                   partitions: int = COUNTER_PARTITIONS) -> None:
+    """The worker's report counters as a worker that counted from the start holds them: one row per (key,
+    partition), the partition of a message / contact (cityHash64 of the topic key modulo ``partitions``),
+    counted from the latest state (FINAL), at ``_version`` ``version``. ``scale``/``shift`` turn the
+    counts into wrong ones (count * scale + shift), for rows that must lose or must not be read."""
+    def c(expr: str) -> str:
+        return f"toUInt64(({expr}) * {scale} + {shift})"
+
+    flags = ("delivered", "opened", "clicked", "bounced", "dropped", "deferred", "spam_reported", "unsubscribed")
+    client.command(
+        f"INSERT INTO {db}.mailing_counters (mailing_id, channel, automation_id, step_index, partition, total_sent, "
+        "delivered, opened, clicked, bounced, dropped, deferred, spam_reports, unsubscribed, _version) "
+        f"SELECT mailing_id, channel, automation_id, step_index, cityHash64(message_id) % {partitions} AS p, "
+        f"{c('count()')}, {', '.join(c(f'countIf({f}_at IS NOT NULL)') for f in flags)}, {version} "
+        f"FROM {db}.messages FINAL GROUP BY mailing_id, channel, automation_id, step_index, p")
+    client.command(
+        f"INSERT INTO {db}.node_counters (automation_id, step_index, partition, done, waiting, filtered, stopped, "
+        f"_version) SELECT automation_id, step_index, cityHash64(contact_id) % {partitions} AS p, "
+        f"{', '.join(c(f'countIf(state = {s!r})') for s in ('done', 'waiting', 'filtered', 'stopped'))}, {version} "
+        f"FROM {db}.node_states FINAL GROUP BY automation_id, step_index, p")
+    completed = "status = 'finished' AND ifNull(reason, '') = 'completed'"
+    client.command(
+        f"INSERT INTO {db}.status_counters (automation_id, status, partition, runs, contacts, ignored_enrollments, "
+        "completed, in_progress, not_started, left_runs, _version) "
+        f"SELECT automation_id, status, cityHash64(contact_id) % {partitions} AS p, {c('count()')}, "
+        f"{c('countIf(run = 0)')}, {c('sum(ignored_enrollments)')}, {c(f'countIf({completed})')}, "
+        f"{c('countIf(current_step > 0)')}, {c('countIf(current_step = 0)')}, "
+        f"{c(f'countIf(current_step < 0 AND NOT ({completed}))')}, {version} "
+        f"FROM {db}.enrollments FINAL GROUP BY automation_id, status, p")
+
+
+def _cover(client, db: str, rows: list[tuple[str, int, int, int]], token: str) -> None:
+    """counter_coverage rows (counters table, partition, partitions, _version)."""
+    from sendtrail.clickhouse import insert
+
+    insert(client, "counter_coverage", rows, column_names=("counters", "partition", "partitions", "_version"),
+           dedup_token=token, database=db)
+
+
+# (path, query) of every answer that the counters may feed, and of some they must not
+_COUNTER_REQUESTS = [
+    (A1, None), ("/api/v1/automations/a2", None),
+    (f"{A1}/report", None), ("/api/v1/automations/a2/report", None),
+    (f"{A1}/report", {"from": "2024-03-06", "to": "2024-03-11"}), (f"{A1}/report.svg", None),
+    *[(f"{A1}/contacts", {"limit": 3, "offset": o, **extra}) for o in (0, 3, 50) for extra in (
+        {}, {"status": "in_progress"}, {"status": "finished", "sort": "name", "order": "asc"},
+        {"status": "failed"}, {"run": 0}, {"q": "example"})],
+    *[(f"{A1}/nodes/{step}/contacts", {"limit": 2, "offset": o, **extra}) for step in (0, 1, 2, 7)
+      for o in (0, 40) for extra in ({}, {"state": "waiting"}, {"state": "done", "sort": "contact_id"},
+                                     {"state": "filtered"}, {"state": "stopped", "sort": "name"},
+                                     {"from": "2024-03-06", "to": "2024-03-11"})],
+    *[("/api/v1/mailings", {"sort": s, "order": o, **extra})
+      for s, o in (("date", "desc"), ("total_sent", "asc"), ("delivered", "desc"), ("opened", "asc"),
+                   ("clicked", "desc"), ("bounced", "asc"), ("subject", "asc"), ("mailing_id", "desc"))
+      for extra in ({}, {"automation_id": "a1"}, {"automation_id": "a2"}, {"limit": 2, "offset": 1})],
+    ("/api/v1/mailings", {"automation_id": "a1", "step": "0"}), ("/api/v1/mailings", {"q": "e"}),
+    ("/api/v1/mailings", {"from": "2024-03-03", "to": "2024-03-10", "sort": "opened"}),
+    ("/api/v1/mailings/a1:0", None), ("/api/v1/mailings/a1:1", None), ("/api/v1/mailings/a2:0", None),
+    ("/api/v1/mailings/zz:9", None), ("/api/v1/mailings.csv", {"sort": "mailing_id", "order": "asc"}),
+]
+_COUNTER_TABLES = ("mailing_counters", "node_counters", "status_counters")
+
+
+def test_report_counters_give_the_same_answers(env):
+    """Migration 009: the report, automation totals, contact and node-contact totals and the mailings read
+    the worker's counters (one row per key and partition, the latest version wins) only once
+    counter_coverage covers every partition with one partition count, and then give byte-identical
+    answers; with a partition missing, partitions disagreeing on N, or no coverage table they count the
+    latest state (wrong counters in the tables then change nothing). Counter rows of zeros (a status, a
+    node, a mailing key nothing stands at any more) list nothing that the latest state would not."""
+    import dataclasses
+
+    from sendtrail.clickhouse import TABLE_COLUMNS, insert
+
+    db = "api_counters"
+    client = F.open_database(env["path"], db)
+    sql_log: list[str] = []
+    now = lambda: F.NOW.replace(tzinfo=dt.timezone.utc).timestamp()  # noqa: E731
+    try:
+        F.load_dataset(client, db)
+        # a LinkedIn message (no mailing) and an e-mail of a2 under a1's mailing id (a mixed mailing)
+        row = {c: None for c in TABLE_COLUMNS["messages"]}
+        row.update(message_id="li-1", mailing_id="a1:0", automation_id="a1", run=0, contact_id="c01",
+                   step_index=0, subject="", sending_user="", sending_email="", email="x@example.com", name="X",
+                   channel="linkedin_message", status="sent", status_at=F.NOW, sent_at=F.NOW, bounce_class="",
+                   opens=0, clicks=0, updated_at=F.NOW, _version=1)
+        insert(client, "messages", [row, dict(row, message_id="other-1", automation_id="a2", channel="email",
+                                              delivered_at=F.NOW)], dedup_token="counters-extra", database=db)
+        base = make_deps_for_client(client, db, client_factory=lambda: F.open_database(env["path"], db), now=now)
+
+        async def logged(sql, params):
+            sql_log.append(sql)
+            return await base.query(sql, params)
+
+        async def logged_columns(sql, params):
+            sql_log.append(sql)
+            return await base.query_columns(sql, params)
+
+        deps = dataclasses.replace(base, query=logged, query_columns=logged_columns)
+
+        def answers() -> list:
+            api = Api(deps)
+            try:
+                out = []
+                for path, params in _COUNTER_REQUESTS:
+                    status, body, _ = api.request("GET", path, params=params or {})
+                    assert status in (200, 404), (path, params, status, body[:300])
+                    out.append((path, params, status, body))
+                return out
+            finally:
+                api.close()
+
+        def counters_read() -> set[str]:
+            return {t for t in _COUNTER_TABLES for s in sql_log if f".{t} " in s}
+
+        def assert_same(got, want):
+            for g, w in zip(got, want, strict=True):
+                assert g == w, (g[:2], g[3][:400], w[3][:400])
+
+        scanned = answers()
+        assert not counters_read()
+        assert b'"failed"' not in scanned[0][3] and b'"step_index":5' not in scanned[2][3]
+
+        # wrong counters (version 1), coverage of partitions 0 and 2 of 3: not covered, not read
+        _fill_counters(client, db, 1, scale=3, shift=1)
+        _cover(client, db, [(t, p, COUNTER_PARTITIONS, 1) for t in _COUNTER_TABLES for p in (0, 2)], "cover-0-2")
+        sql_log.clear()
+        assert_same(answers(), scanned)
+        assert not counters_read()
+        # partition 1 counted, but with another partition count: the partitions disagree on N
+        _cover(client, db, [(t, 1, COUNTER_PARTITIONS + 1, 1) for t in _COUNTER_TABLES], "cover-1-of-4")
+        sql_log.clear()
+        assert_same(answers(), scanned)
+        assert not counters_read()
+
+        # the right counters at a higher version, rows of zeros that must list nothing, then partition 1's
+        # coverage with the same N (a newer coverage row): every table covered
+        _fill_counters(client, db, 5)
+        zeros = 5 * [0]
+        insert(client, "status_counters", [("a1", "failed", 1, 2, 1, 0, 0, 0, 0, 2, 3),   # older: loses
+                                           ("a1", "failed", 1, *zeros, 0, 0, 6)],
+               column_names=TABLE_COLUMNS["status_counters"], dedup_token="status-zeros", database=db)
+        insert(client, "node_counters", [("a1", 7, 0, 1, 0, 0, 0, 3), ("a1", 7, 0, 0, 0, 0, 0, 6)],
+               column_names=TABLE_COLUMNS["node_counters"], dedup_token="node-zeros", database=db)
+        insert(client, "mailing_counters", [("a1:0", "email", "a1", 9, 2, 1, 1, *7 * [0], 3),
+                                            ("a1:0", "email", "a1", 9, 2, *9 * [0], 6),
+                                            ("a1:7", "email", "a1", 7, 0, *9 * [0], 6)],
+                      column_names=TABLE_COLUMNS["mailing_counters"], dedup_token="mailing-zeros", database=db)
+        _cover(client, db, [(t, 1, COUNTER_PARTITIONS, 2) for t in _COUNTER_TABLES], "cover-1-of-3")
+        sql_log.clear()
+        assert_same(answers(), scanned)
+        assert counters_read() == set(_COUNTER_TABLES)
+        # the report without a period counts no latest state; with a period it does
+        counted = [s for s in sql_log if ("node_states" in s and "GROUP BY step_index" in s)
+                   or (".enrollments FINAL" in s and "GROUP BY status" in s)]
+        assert len(counted) == 2 and all("{p_from:" in s for s in counted)
+
+        # stale rows (a lower version) written after the latest ones, in other parts: they lose
+        _fill_counters(client, db, 2, scale=2, shift=3)
+        _fill_counters(client, db, 4, scale=0, shift=0)
+        sql_log.clear()
+        assert_same(answers(), scanned)
+        assert counters_read() == set(_COUNTER_TABLES)
+
+        # and wrong counters at the highest version are read indeed (the answers above came from them)
+        _fill_counters(client, db, 9, scale=1, shift=1)
+        changed = answers()
+        assert changed[0] != scanned[0] and changed[2] != scanned[2]
+        _fill_counters(client, db, 10)
+        assert_same(answers(), scanned)
+
+        # a partition's coverage replaced by one with another N (a repartitioning under way): not covered
+        _cover(client, db, [(t, 2, COUNTER_PARTITIONS + 1, 3) for t in _COUNTER_TABLES], "cover-2-of-4")
+        _fill_counters(client, db, 11, scale=3, shift=1)
+        sql_log.clear()
+        assert_same(answers(), scanned)
+        assert not counters_read()
+        # no coverage table at all (a database before migration 009, or no access): not covered
+        client.command(f"DROP TABLE {db}.counter_coverage")
+        sql_log.clear()
+        assert_same(answers(), scanned)
+        assert not counters_read()
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {db}")
+        client.close()

@@ -292,4 +292,5 @@ def test_default_columns_cover_every_table():
     assert set(TABLE_COLUMNS) == {
         "automations", "contacts", "recipients", "enrollments", "node_states", "messages",
         "message_events", "status_changes", "static_lists", "static_list_members",
+        "mailing_counters", "node_counters", "status_counters", "counter_coverage",
     }

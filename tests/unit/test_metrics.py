@@ -47,6 +47,7 @@ REQUIRED = {
     "sendtrail_state_recovery_duration_seconds": ("histogram", set()),
     "sendtrail_changelog_records_written_total": ("counter", set()),
     "sendtrail_batches_total": ("counter", {"outcome"}),
+    "sendtrail_report_recounts_total": ("counter", {"partitions", "cause"}),
     "sendtrail_batch_duration_seconds": ("histogram", set()),
 }
 
@@ -80,6 +81,7 @@ def exercise(metrics: Metrics) -> None:
     metrics.api_request("/api/v1/automations/{id}", 200, 0.01)
     metrics.rebalanced("assigned")
     metrics.state_recovered("enrollments", 12)
+    metrics.counters_recounted("contacts", "unclean")
     metrics.observe_recovery(0.2)
     metrics.changelog_written(7)
     metrics.batch_done(0.05)

@@ -1,0 +1,218 @@
+"""Report counters through ``agents.app.Pipeline`` (local RocksDB, no Kafka): the latest counter rows
+equal what a FINAL read of the emitted rows counts, after any batching, and after a recovery that lost
+the totals (recount) or that has keys stored before the counters existed."""
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+
+import orjson
+import pytest
+from aiokafka import TopicPartition
+from prometheus_client import CollectorRegistry
+
+from agents.app import COUNTED_MARK, Pipeline
+from sendtrail.clickhouse import TABLE_COLUMNS
+from sendtrail.metrics import Metrics
+from sendtrail.settings import Settings
+from streams import counters as C
+from streams.generator import generate
+
+PARTITIONS = 2
+BASE_MS = 1_700_000_000_000
+NOW_MS = BASE_MS + 40 * 86_400_000
+
+
+@dataclass
+class Rec:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes
+    value: bytes
+    timestamp: int = 0
+
+
+def _pipeline(path) -> Pipeline:
+    settings = Settings.from_env({"SENDTRAIL_DATA_DIR": str(path), "SENDTRAIL_PARTITIONS": str(PARTITIONS)})
+    return Pipeline(settings, Metrics(CollectorRegistry()), sink=None)
+
+
+class Driver:
+    """Feeds records to a pipeline in batches and loops its internal topics back, like the runtime."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.p = pipeline
+        self.offsets: dict = defaultdict(int)
+        self.rows: dict = defaultdict(list)
+
+    def rec(self, topic: str, key: bytes, value: bytes, partition: int | None) -> Rec:
+        part = partition if partition is not None else zlib.crc32(key) % PARTITIONS
+        off = self.offsets[(topic, part)]
+        self.offsets[(topic, part)] += 1
+        return Rec(topic, part, off, key, value)
+
+    def batch(self, records: list[Rec]) -> None:
+        fetched: dict = {}
+        for r in records:
+            fetched.setdefault(TopicPartition(r.topic, r.partition), []).append(r)
+        ctx = self.p.prepare(fetched)
+        self.p.tables.seal()
+        for table, rows in ctx.rows.items():
+            self.rows[table].extend(rows)
+        self.p.counter_rows_written(ctx.pending_rows)  # what finish() does once the rows are written
+        internal = {self.p.to_contacts, self.p.to_messages}
+        return [self.rec(t, k, v, part) for t, k, v, part in ctx.sends if t in internal]
+
+    def assign(self, unclean: bool = False) -> None:
+        """A first assignment of every partition (the runtime's on_assigned): coverage, recounts."""
+        names = self.p.topic_names
+        assigned = [TopicPartition(names[t], p) for t in ("enrollments", "sends", "provider-events")
+                    for p in range(PARTITIONS)]
+        self.p.counters_assigned(assigned, set(assigned) if unclean else set())
+
+    def flush(self) -> None:
+        """The counter rows still pending, written (a clean stop)."""
+        pending = {t: dict(r) for t, r in self.p.pending_rows.items()}
+        for table, rows in pending.items():
+            self.rows[table].extend(rows.values())
+        self.p.counter_rows_written(pending)
+        assert not self.p.has_pending_rows
+
+    def run(self, events, size: int = 300) -> None:
+        names = self.p.topic_names
+        records = [self.rec(names[topic], key.encode(), value, None) for topic, key, value in events]
+        for i in range(0, len(records), size):
+            pending = self.batch(records[i:i + size])
+            while pending:
+                pending = self.batch(pending)
+        self.flush()
+
+
+def expected_counts(rows: dict) -> dict:
+    """What FINAL reads of the emitted rows count (the latest row per key: the last emitted)."""
+    def latest(table, key):
+        out = {}
+        for r in rows[table]:
+            out[tuple(r[k] for k in key)] = r
+        return out.values()
+
+    nodes: dict = defaultdict(lambda: [0] * 4)
+    for r in latest("node_states", ("automation_id", "contact_id", "run", "step_index")):
+        if r["state"] != "none":
+            nodes[(r["automation_id"], r["step_index"])][C.NODE_COUNTERS.index(r["state"])] += 1
+    statuses: dict = defaultdict(lambda: [0] * 7)
+    for r in latest("enrollments", ("automation_id", "contact_id", "run")):
+        completed = r["status"] == "finished" and (r["reason"] or "") == "completed"
+        step = r["current_step"]
+        for i, v in enumerate((1, r["run"] == 0, r["ignored_enrollments"], completed, step > 0, step == 0,
+                               step < 0 and not completed)):
+            statuses[(r["automation_id"], r["status"])][i] += int(v)
+    mailings: dict = defaultdict(lambda: [0] * 9)
+    for r in latest("messages", ("message_id",)):
+        key = (r["mailing_id"], r["channel"], r["automation_id"], r["step_index"])
+        mailings[key][0] += 1
+        for i, (_, field) in enumerate(C.MAILING_FLAG_COUNTERS):
+            mailings[key][i + 1] += int(r[field] is not None)
+    return {"node_counters": nodes, "status_counters": statuses, "mailing_counters": mailings}
+
+
+def counter_counts(rows: dict) -> dict:
+    """The counters tables read like the API reads them: the latest row per (key, partition), summed."""
+    out = {}
+    for table, width in (("node_counters", 2), ("status_counters", 2), ("mailing_counters", 4)):
+        latest: dict = {}
+        for row in rows[table]:
+            key = row[:width + 1]
+            if key not in latest or row[-1] >= latest[key][-1]:
+                latest[key] = row
+        summed: dict = defaultdict(lambda: None)
+        for row in latest.values():
+            counts = list(row[width + 1:-1])
+            prev = summed[row[:width]]
+            summed[row[:width]] = counts if prev is None else [a + b for a, b in zip(prev, counts)]
+        out[table] = {k: v for k, v in summed.items() if any(v)}
+    return out
+
+
+def nonzero(counts: dict) -> dict:
+    return {t: {k: list(v) for k, v in c.items() if any(v)} for t, c in counts.items()}
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return generate(7, automations=3, contacts=300, base_ms=BASE_MS, now_ms=NOW_MS)
+
+
+def test_counters_equal_the_latest_rows_whatever_the_batches(tmp_path, workload):
+    results = []
+    for size, flush_seconds in ((1000, 0.0), (97, 3600.0)):  # rows written with every batch / at the end
+        driver = Driver(_pipeline(tmp_path / str(size)))
+        driver.p.counter_flush_seconds = flush_seconds
+        driver.assign()
+        driver.run(workload.events, size)
+        expected = nonzero(expected_counts(driver.rows))
+        assert expected["node_counters"] and expected["status_counters"] and expected["mailing_counters"]
+        assert counter_counts(driver.rows) == expected
+        coverage = {(r[0], r[1]) for r in driver.rows["counter_coverage"]}
+        assert coverage == {(t, p) for t in C.COUNTER_TABLES for p in range(PARTITIONS)}
+        assert all(len(r) == len(TABLE_COLUMNS[t]) for t in C.COUNTER_TABLES for r in driver.rows[t])
+        results.append(counter_counts(driver.rows))
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("lost", ["totals", "cc"])
+def test_a_recovery_recounts_the_totals_from_the_keys(tmp_path, workload, lost):
+    """``totals``: the state came back without the totals of the last batches (a changelog holding part
+    of a batch): the partition is recounted, and its rows win over the earlier ones. ``cc``: keys stored
+    before the counters existed: they are counted as their snapshot would be written."""
+    half = len(workload.events) // 2
+    crashed = Driver(_pipeline(tmp_path / "crashed"))
+    crashed.assign()
+    crashed.run(workload.events[:half], 500)
+
+    replay = _pipeline(tmp_path / "replay")
+    for table in ("enrollments", "messages", "automation-replicas", "parked", "contact-counters", "message-counters"):
+        for p in range(PARTITIONS):
+            items = dict(crashed.p.tables.items(table, p))
+            if table.endswith("-counters"):
+                if lost == "cc":
+                    continue  # never counted
+                items = {k: v for i, (k, v) in enumerate(sorted(items.items()))
+                         if i % 3 or k == COUNTED_MARK}  # some totals lost
+            if lost == "cc" and table in ("enrollments", "messages"):
+                items = {k: orjson.dumps({f: x for f, x in orjson.loads(v).items() if f != "cc"})
+                         for k, v in items.items()}
+            replay.tables.store(table, p).write(items, 0)
+    after = Driver(replay)
+    for table, rows in crashed.rows.items():
+        after.rows[table].extend(rows)
+    after.assign(unclean=lost == "totals")
+    after.run(workload.events[half:], 500)
+    assert counter_counts(after.rows) == nonzero(expected_counts(after.rows))
+    recounts = replay.metrics.report_recounts
+    cause = "unclean" if lost == "totals" else "first"
+    assert recounts.labels(partitions="contacts", cause=cause)._value.get() == PARTITIONS
+    assert recounts.labels(partitions="messages", cause=cause)._value.get() == PARTITIONS
+    assert recounts.labels(partitions="contacts", cause="mismatch")._value.get() == 0
+    for p in range(PARTITIONS):
+        assert replay.tables.get("contact-counters", p, COUNTED_MARK) is not None
+        assert replay.tables.get("message-counters", p, COUNTED_MARK) is not None
+    if lost == "cc":  # the keys now carry what they counted
+        assert all("cc" in orjson.loads(v) for _, v in replay.tables.items("messages", 0))
+
+
+def test_totals_that_do_not_match_their_keys_are_recounted_not_taken_below_zero(tmp_path, workload):
+    driver = Driver(_pipeline(tmp_path / "p"))
+    driver.assign()
+    half = len(workload.events) // 2
+    driver.run(workload.events[:half], 400)
+    for p in range(PARTITIONS):  # a bug's effect: every total of the contacts partitions zeroed
+        for key, _ in list(driver.p.tables.items("contact-counters", p)):
+            if key != COUNTED_MARK:
+                driver.p.tables.put("contact-counters", p, key, orjson.dumps([0] * 7 if key[:1] == b"s" else [0] * 4))
+    driver.run(workload.events[half:], 400)
+    assert counter_counts(driver.rows) == nonzero(expected_counts(driver.rows))
+    assert driver.p.metrics.report_recounts.labels(partitions="contacts",
+                                                   cause="mismatch")._value.get() >= 1
