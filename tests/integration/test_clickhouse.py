@@ -16,6 +16,7 @@ import pytest
 from agents.sink import BatchWriter
 from sendtrail.clickhouse import TABLE_COLUMNS, chdb_path, connect, insert
 from sendtrail.migrate import MigrationError, migrate, migrations_dir
+from streams.counters import coverage_row, mailing_counter_row, node_counter_row, status_counter_row
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,10 @@ def test_every_table_accepts_a_row(env):
                            "message.opened", T0 + 2),
         "static_lists": ("l1", "done at 0", "a1", 0, "done", None, 1, T0),
         "static_list_members": ("l1", "c1", "Ann", "ann@example.com"),
+        "mailing_counters": mailing_counter_row(("a1:0", "email", "a1", 0), 0, [3, 2, 1, 1, 0, 0, 0, 0, 0], 1),
+        "node_counters": node_counter_row(("a1", 0), 0, [1, 2, 0, 0], 1),
+        "status_counters": status_counter_row(("a1", "in_progress"), 0, [2, 2, 0, 0, 2, 0, 0], 1),
+        "counter_coverage": coverage_row("node_counters", 0, 4, 1),
     }
     assert set(samples) == set(TABLE_COLUMNS)
 
