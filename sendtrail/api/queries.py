@@ -357,7 +357,8 @@ class Queries:
 
         The latest rows that match and sort no later than ``T`` are exactly the first rows of the
         answer. When they cover the page (or the candidates were all there is) the page is exact; else
-        ``n`` grows, and past ``LATEST_PAGE_MAX_CANDIDATES`` the page comes from ``final_sql``. A part
+        ``n`` grows (at least 4x, more when few candidates were latest rows), and past
+        ``LATEST_PAGE_MAX_CANDIDATES``, or when no candidate was, the page comes from ``final_sql``. A part
         merged away meanwhile only makes more keys go through step 3 (``_part != L`` then matches all).
         A table of one part is read with ``final_sql`` (FINAL then merges nothing and is the fastest).
         """
@@ -415,7 +416,12 @@ class Queries:
                 good.sort(key=lambda r: tuple(r[:width]))
             if complete or len(good) >= need:
                 return cols[width + 1:-1], [tuple(r[width + 1:]) for r in good[page.offset:need]]
-            n *= 4
+            if not good:
+                # a run of superseded rows sorts first (under a running worker: the oldest waiting node
+                # states of contacts that moved on since the last merge); more candidates would mostly be
+                # more of them, and one FINAL read costs about what a round of candidates does
+                break
+            n = max(n * 4, 2 * need * len(cand) // len(good))  # as many candidates per latest row as so far
         return await self._rows(final_sql, final_params)
 
     # ------------------------------------------------------------ automations
@@ -801,21 +807,27 @@ class Queries:
         fixed = Where().add("automation_id = {a:String}", a=automation_id)
         changing = Where().add("state = 'waiting'").add(f"at < {{cutoff:{TIME}}}", cutoff=p["cutoff"])
         keys, key_types = ("step_index", "contact_id", "run"), ("UInt32", "String", "UInt32")
+        count_final = f"SELECT count() FROM {self.t('node_states')} FINAL {stuck_where}" + FINAL_SETTINGS
+        # the FINAL page (one part, or candidates that fell short) counts its rows in the same read
         cols, rows = await self._latest_page(
             table="node_states", keys=keys, key_types=key_types,
             columns="contact_id, run, step_index, at AS waiting_since", fixed=fixed, changing=changing,
             sort=("at", "contact_id", "run", "step_index"), page=Page(page.limit, page.offset, "at", "ASC"),
-            final_sql=("SELECT contact_id, run, step_index, at AS waiting_since "
+            final_sql=("SELECT contact_id, run, step_index, at AS waiting_since, count() OVER () AS _total "
                        f"FROM {self.t('node_states')} FINAL {stuck_where} "
                        "ORDER BY waiting_since, contact_id, run, step_index LIMIT {limit:UInt64} OFFSET {offset:UInt64}"
                        + FINAL_SETTINGS),
             final_params=p)
-        stuck_total = self._known_total(page, len(rows))
+        stuck_total = None
+        if cols and cols[-1] == "_total":
+            stuck_total = await self._window_total(cols, rows, count_final, p, page.offset)
+            cols, rows = cols[:-1], [r[:-1] for r in rows]
+        if stuck_total is None:
+            stuck_total = self._known_total(page, len(rows))
         if stuck_total is None:
             stuck_total = await self._latest_count(
                 table="node_states", keys=keys, key_types=key_types, fixed=fixed, changing=changing,
-                final_sql=f"SELECT count() FROM {self.t('node_states')} FINAL {stuck_where}" + FINAL_SETTINGS,
-                final_params=p)
+                final_sql=count_final, final_params=p)
         dcols, drows, dup_total = await self._duplicate_sends(automation_id, page)
         return {
             "stuck": shape(cols, rows),
@@ -860,7 +872,7 @@ class Queries:
         cols, rows = await self._rows(
             f"SELECT contact_id, run, step_index, message_ids, count() OVER () AS _total FROM ({dup_sql}) "
             "ORDER BY contact_id, run, step_index LIMIT {limit:UInt64} OFFSET {offset:UInt64}", p)
-        total = await self._window_total(cols, rows, f"SELECT count() FROM ({dup_sql})", p)
+        total = await self._window_total(cols, rows, f"SELECT count() FROM ({dup_sql})", p, page.offset)
         return cols[:-1], [r[:-1] for r in rows], total
 
     # ------------------------------------------------------------ mailings
@@ -1022,7 +1034,8 @@ class Queries:
                 f"SELECT *, count() OVER () AS _total FROM ({info_sql}) ORDER BY {page.sort} {page.order}, "
                 f"mailing_id {page.order} LIMIT {{limit:UInt64}} OFFSET {{offset:UInt64}}",
                 {**params, "limit": page.limit, "offset": page.offset})
-            total = await self._window_total(icols, irows, f"SELECT count() FROM ({info_sql})", params)
+            total = await self._window_total(icols, irows, f"SELECT count() FROM ({info_sql})", params,
+                                             page.offset)
             info = [{k: v for k, v in item.items() if k != "_total"} for item in shape(icols, irows)]
             counted: list[dict] = []
             if info:
@@ -1084,12 +1097,17 @@ class Queries:
             f"mailing_id {page.order} LIMIT {{limit:UInt64}} OFFSET {{offset:UInt64}}",
             {**params, "limit": page.limit, "offset": page.offset})
         return {"items": [{k: v for k, v in item.items() if k != "_total"} for item in shape(cols, rows)],
-                "total": await self._window_total(cols, rows, f"SELECT count() FROM ({sql})", params)}
+                "total": await self._window_total(cols, rows, f"SELECT count() FROM ({sql})", params,
+                                                  page.offset)}
 
-    async def _window_total(self, cols: list[str], rows: list[tuple], count_sql: str, params: Mapping[str, Any]) -> int:
-        """The ``_total`` window column of a page, or a count query when the page is past the end."""
+    async def _window_total(self, cols: list[str], rows: list[tuple], count_sql: str, params: Mapping[str, Any],
+                            offset: int) -> int:
+        """The ``_total`` window column of a page, 0 for an empty first page, or a count query when the page
+        (at ``offset``) is past the end."""
         if rows:
             return int(rows[0][cols.index("_total")])
+        if offset == 0:
+            return 0
         return int(await self._scalar(count_sql, params) or 0)
 
     async def mailing(self, mailing_id: str) -> dict:
@@ -1174,8 +1192,16 @@ class Queries:
                 f"ORDER BY {page.sort} {page.order}, message_id {page.order} "
                 "LIMIT {limit:UInt64} OFFSET {offset:UInt64}" + FINAL_SETTINGS,
                 {**w.params, "limit": page.limit, "offset": page.offset})
-        total = await self._page_total(
-            page, len(rows), f"SELECT count() FROM {self.t('messages')} FINAL {w.sql()}" + FINAL_SETTINGS, w.params)
+        total = self._known_total(page, len(rows))
+        if total is None and not status and not q and await self.counters_cover("mailing_counters"):
+            # every message of the mailing, whatever its channel, automation and step: the counters' sent
+            total = int(await self._scalar(
+                f"SELECT sum(total_sent) FROM {self.t('mailing_counters')} FINAL WHERE mailing_id = {{m:String}}",
+                {"m": mailing_id}) or 0)
+        if total is None:
+            total = await self._page_total(
+                page, len(rows), f"SELECT count() FROM {self.t('messages')} FINAL {w.sql()}" + FINAL_SETTINGS,
+                w.params)
         return {"items": shape(cols, rows), "total": total}
 
     # ------------------------------------------------------------ contacts
