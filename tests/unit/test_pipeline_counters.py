@@ -5,38 +5,20 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass
 
 import orjson
 import pytest
 from aiokafka import TopicPartition
-from prometheus_client import CollectorRegistry
 
 from agents.app import COUNTED_MARK, Pipeline
 from sendtrail.clickhouse import TABLE_COLUMNS
-from sendtrail.metrics import Metrics
-from sendtrail.settings import Settings
 from streams import counters as C
 from streams.generator import generate
+from tests.unit.pipeline_helpers import Rec, local_pipeline
 
 PARTITIONS = 2
 BASE_MS = 1_700_000_000_000
 NOW_MS = BASE_MS + 40 * 86_400_000
-
-
-@dataclass
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes
-    value: bytes
-    timestamp: int = 0
-
-
-def _pipeline(path) -> Pipeline:
-    settings = Settings.from_env({"SENDTRAIL_DATA_DIR": str(path), "SENDTRAIL_PARTITIONS": str(PARTITIONS)})
-    return Pipeline(settings, Metrics(CollectorRegistry()), sink=None)
 
 
 class Driver:
@@ -148,7 +130,7 @@ def workload():
 def test_counters_equal_the_latest_rows_whatever_the_batches(tmp_path, workload):
     results = []
     for size, flush_seconds in ((1000, 0.0), (97, 3600.0)):  # rows written with every batch / at the end
-        driver = Driver(_pipeline(tmp_path / str(size)))
+        driver = Driver(local_pipeline(tmp_path / str(size), PARTITIONS))
         driver.p.counter_flush_seconds = flush_seconds
         driver.assign()
         driver.run(workload.events, size)
@@ -168,11 +150,11 @@ def test_a_recovery_recounts_the_totals_from_the_keys(tmp_path, workload, lost):
     of a batch): the partition is recounted, and its rows win over the earlier ones. ``cc``: keys stored
     before the counters existed: they are counted as their snapshot would be written."""
     half = len(workload.events) // 2
-    crashed = Driver(_pipeline(tmp_path / "crashed"))
+    crashed = Driver(local_pipeline(tmp_path / "crashed", PARTITIONS))
     crashed.assign()
     crashed.run(workload.events[:half], 500)
 
-    replay = _pipeline(tmp_path / "replay")
+    replay = local_pipeline(tmp_path / "replay", PARTITIONS)
     for table in ("enrollments", "messages", "automation-replicas", "parked", "contact-counters", "message-counters"):
         for p in range(PARTITIONS):
             items = dict(crashed.p.tables.items(table, p))
@@ -204,7 +186,7 @@ def test_a_recovery_recounts_the_totals_from_the_keys(tmp_path, workload, lost):
 
 
 def test_totals_that_do_not_match_their_keys_are_recounted_not_taken_below_zero(tmp_path, workload):
-    driver = Driver(_pipeline(tmp_path / "p"))
+    driver = Driver(local_pipeline(tmp_path / "p", PARTITIONS))
     driver.assign()
     half = len(workload.events) // 2
     driver.run(workload.events[:half], 400)

@@ -8,39 +8,22 @@ until the replay reaches the definition's fan-out again.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import orjson
 from aiokafka import TopicPartition
-from prometheus_client import CollectorRegistry
 
 from agents.app import Pipeline, apply_automation_event, node_span
 from schemas.examples import EXAMPLES
 from schemas.topics import topic_names
-from sendtrail.metrics import Metrics
 from sendtrail.settings import Settings
+from tests.unit.pipeline_helpers import Rec, local_pipeline
 
 AID, CID = "auto-1", "contact-1"
 KEY = f"{AID}\x1f{CID}".encode()
 
 
-@dataclass
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes
-    value: bytes
-    timestamp: int = 0
-
-
 def _event(kind: str, **fields) -> dict:
     return {**copy.deepcopy(EXAMPLES[kind]), **fields}
-
-
-def _pipeline(path) -> Pipeline:
-    settings = Settings.from_env({"SENDTRAIL_DATA_DIR": str(path), "SENDTRAIL_PARTITIONS": "1"})
-    return Pipeline(settings, Metrics(CollectorRegistry()), sink=None)
 
 
 def _batch(pipeline: Pipeline, records: list[Rec], replay: bool = False):
@@ -72,14 +55,14 @@ def _fan_out(pipeline: Pipeline, names: dict) -> Rec:
 
 def test_a_replay_never_snapshots_a_key_without_its_automations_definition(tmp_path):
     names = topic_names(Settings().topic_prefix)
-    crashed = _pipeline(tmp_path / "crashed")
+    crashed = local_pipeline(tmp_path / "crashed", 1)
     fan_out = _fan_out(crashed, names)
     _batch(crashed, [fan_out] + _contact_events(names))
     state = crashed.tables.get("enrollments", 0, KEY)
     assert state is not None and crashed.tables.get("automation-replicas", 0, AID.encode()) is not None
 
     # What a changelog recovery may give: the key's state without the replica written with it.
-    replay = _pipeline(tmp_path / "replay")
+    replay = local_pipeline(tmp_path / "replay", 1)
     replay.tables.store("enrollments", 0).write({KEY: state}, 0)
     first = _batch(replay, _contact_events(names)[1:], replay=True)  # the fan-out is in a later batch
     second = _batch(replay, [fan_out], replay=True)
