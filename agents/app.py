@@ -88,6 +88,8 @@ COUNTED = {
     "contact": ("enrollments", "contact-counters", ("node_counters", "status_counters")),
     "message": ("messages", "message-counters", ("mailing_counters",)),
 }
+#: counters table -> kind of partition that writes it
+KIND_OF_COUNTERS = {table: kind for kind, (_, _, tables) in COUNTED.items() for table in tables}
 #: counters table -> (prefix of its totals' keys in the totals table, row builder)
 COUNTER_KEYS = {
     "node_counters": (b"n", counterlib.node_counter_row),
@@ -601,7 +603,7 @@ class Pipeline:
         tables = self.tables
         recount = set()
         for (table, partition), deltas in ctx.counts.items():
-            kind = "message" if table == "mailing_counters" else "contact"
+            kind = KIND_OF_COUNTERS[table]
             totals_table = COUNTED[kind][1]
             prefix, build = COUNTER_KEYS[table]
             current = {}
@@ -650,9 +652,7 @@ class Pipeline:
             table = by_prefix[record[:1]]
             prefix, build = COUNTER_KEYS[table]
             tables.put(totals_table, partition, record, None)
-            zero = [0] * len(counterlib.MAILING_COUNTERS if table == "mailing_counters"
-                             else counterlib.NODE_COUNTERS if table == "node_counters"
-                             else counterlib.STATUS_COUNTERS)
+            zero = [0] * len(counterlib.COUNTER_NAMES[table])
             out[table].append(build(tuple(orjson.loads(record[1:])), partition, zero, version))
         tables.put(totals_table, partition, COUNTED_MARK, b"1")
         out["counter_coverage"] = [counterlib.coverage_row(t, partition, self.settings.partitions, version)

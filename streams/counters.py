@@ -44,7 +44,11 @@ NODE_COUNTERS: tuple[str, ...] = ("done", "waiting", "filtered", "stopped")
 STATUS_COUNTERS: tuple[str, ...] = ("runs", "contacts", "ignored_enrollments", "completed", "in_progress",
                                     "not_started", "left_runs")
 
-COUNTER_TABLES: tuple[str, ...] = ("mailing_counters", "node_counters", "status_counters")
+#: counters table -> its counter columns, in row order
+COUNTER_NAMES: dict[str, tuple[str, ...]] = {
+    "mailing_counters": MAILING_COUNTERS, "node_counters": NODE_COUNTERS, "status_counters": STATUS_COUNTERS,
+}
+COUNTER_TABLES: tuple[str, ...] = tuple(COUNTER_NAMES)
 
 MailingKey = tuple[str, str, str, int]   # (mailing_id, channel, automation_id, step_index)
 NodeKey = tuple[str, int]                # (automation_id, step_index)

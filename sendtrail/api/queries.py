@@ -44,6 +44,7 @@ import orjson
 
 from sendtrail.api.errors import BadRequest, NotFound
 from sendtrail.api.export import CsvQuery
+from streams.counters import COUNTER_TABLES
 
 NODE_STATES = ("done", "waiting", "filtered", "stopped")
 CONTACT_STATUSES = (
@@ -177,6 +178,11 @@ class Period:
     start: _dt.datetime | None = None
     end: _dt.datetime | None = None
 
+    @property
+    def whole(self) -> bool:
+        """No bound: all time (the worker's counters answer only such figures)."""
+        return self.start is None and self.end is None
+
     def apply(self, where: Where, column: str, prefix: str = "p") -> Where:
         if self.start is not None:
             where.add(f"{column} >= {{{prefix}_from:{TIME}}}", **{f"{prefix}_from": sql_time(self.start)})
@@ -227,8 +233,6 @@ class Queries:
 
     # ------------------------------------------------------------ report counters (migration 009)
 
-    COUNTER_TABLES = ("mailing_counters", "node_counters", "status_counters")
-
     # a complete coverage is remembered this long (an incomplete one is read again on every call)
     COVERAGE_TTL_S = 5.0
 
@@ -258,12 +262,19 @@ class Queries:
             # distinct partitions, all below N = their count: exactly 0..N-1
             if covered > 0 and low == high == covered and top == covered - 1:
                 complete.add(str(name))
-        for name in self.COUNTER_TABLES:
+        for name in COUNTER_TABLES:
             if name in complete:
                 self._covered[name] = now
             else:
                 self._covered.pop(name, None)
         return table in complete
+
+    async def _counted_total(self, table: str, sum_sql: str, params: Mapping[str, Any]) -> int | None:
+        """``sum_sql`` (one sum over the worker's counters ``table``) when they cover every partition, else
+        None (the caller counts the latest state)."""
+        if not await self.counters_cover(table):
+            return None
+        return int(await self._scalar(sum_sql, params) or 0)
 
     # ------------------------------------------------------------ pages of a latest-state table
 
@@ -573,8 +584,7 @@ class Queries:
         # without a period, from the worker's counters when they cover every partition (migration 009); else
         # one row per node with a countIf per state (2x faster than GROUP BY step_index, state), no filter on
         # state (the countIfs skip 'none'), so FINAL's output goes straight into the aggregation
-        whole = period.start is None and period.end is None
-        if whole and await self.counters_cover("node_counters"):
+        if period.whole and await self.counters_cover("node_counters"):
             node_rows = await self.deps.query(
                 "SELECT step_index, sum(done), sum(waiting), sum(filtered), sum(stopped) "
                 f"FROM {self.t('node_counters')} FINAL WHERE automation_id = {{a:String}} GROUP BY step_index",
@@ -600,7 +610,7 @@ class Queries:
 
         ew = Where().add("automation_id = {a:String}", a=automation_id)
         period.apply(ew, "coalesce(enrolled_at, status_at)")
-        if whole and await self.counters_cover("status_counters"):
+        if period.whole and await self.counters_cover("status_counters"):
             rows = await self.deps.query(
                 "SELECT status, sum(runs) AS n, sum(completed), sum(in_progress), sum(not_started), sum(left_runs) "
                 f"FROM {self.t('status_counters')} FINAL WHERE automation_id = {{a:String}} "
@@ -667,12 +677,12 @@ class Queries:
         else:
             cols, rows = await self._rows(final_sql, final_params)
         total = self._known_total(page, len(rows))
-        if total is None and not q and run is None and await self.counters_cover("status_counters"):
+        if total is None and not q and run is None:
             sw = Where().add("automation_id = {a:String}", a=automation_id)
             if status:
                 sw.add("status = {status:String}", status=status)
-            total = int(await self._scalar(
-                f"SELECT sum(runs) FROM {self.t('status_counters')} FINAL {sw.sql()}", sw.params) or 0)
+            total = await self._counted_total(
+                "status_counters", f"SELECT sum(runs) FROM {self.t('status_counters')} FINAL {sw.sql()}", sw.params)
         if total is None:
             total = await self._run_total(page, len(rows), "enrollments", w, fixed, changing)
         return {"items": shape(cols, rows), "total": total}
@@ -768,13 +778,12 @@ class Queries:
             cols, rows = await self._rows(
                 sql + " SETTINGS join_use_nulls = 1, do_not_merge_across_partitions_select_final = 1", params)
         total = self._known_total(page, len(rows))
-        if (total is None and period.start is None and period.end is None and (state is None or state in NODE_STATES)
-                and await self.counters_cover("node_counters")):
+        if total is None and period.whole and (state is None or state in NODE_STATES):
             states = [state] if state else list(NODE_STATES)  # column names from the allowlist
-            total = int(await self._scalar(
-                f"SELECT sum({' + '.join(states)}) FROM {self.t('node_counters')} FINAL "
+            total = await self._counted_total(
+                "node_counters", f"SELECT sum({' + '.join(states)}) FROM {self.t('node_counters')} FINAL "
                 "WHERE automation_id = {a:String} AND step_index = {step:UInt32}",
-                {"a": automation_id, "step": step_index}) or 0)
+                {"a": automation_id, "step": step_index})
         if total is None:
             total = await self._run_total(page, len(rows), "node_states", w, fixed, changing)
         return {"items": shape(cols, rows), "total": total}
@@ -1198,11 +1207,12 @@ class Queries:
                 "LIMIT {limit:UInt64} OFFSET {offset:UInt64}" + FINAL_SETTINGS,
                 {**w.params, "limit": page.limit, "offset": page.offset})
         total = self._known_total(page, len(rows))
-        if total is None and not status and not q and await self.counters_cover("mailing_counters"):
+        if total is None and not status and not q:
             # every message of the mailing, whatever its channel, automation and step: the counters' sent
-            total = int(await self._scalar(
+            total = await self._counted_total(
+                "mailing_counters",
                 f"SELECT sum(total_sent) FROM {self.t('mailing_counters')} FINAL WHERE mailing_id = {{m:String}}",
-                {"m": mailing_id}) or 0)
+                {"m": mailing_id})
         if total is None:
             total = await self._page_total(
                 page, len(rows), f"SELECT count() FROM {self.t('messages')} FINAL {w.sql()}" + FINAL_SETTINGS,

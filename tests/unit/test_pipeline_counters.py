@@ -198,3 +198,24 @@ def test_totals_that_do_not_match_their_keys_are_recounted_not_taken_below_zero(
     assert counter_counts(driver.rows) == nonzero(expected_counts(driver.rows))
     assert driver.p.metrics.report_recounts.labels(partitions="contacts",
                                                    cause="mismatch")._value.get() >= 1
+
+
+def test_a_recount_writes_zeros_for_totals_no_key_counts_any_more(tmp_path, workload):
+    """A total in the state that no key counts (a key of an earlier attempt, gone with a lost changelog
+    record): the recount drops it and writes a row of zeros for it, so its earlier row stops counting."""
+    driver = Driver(local_pipeline(tmp_path / "p", PARTITIONS))
+    driver.assign()
+    driver.run(workload.events, 500)
+    ghosts = {"node_counters": ("contact-counters", b"n", ["ghost", 9]),
+              "status_counters": ("contact-counters", b"s", ["ghost", "paused"]),
+              "mailing_counters": ("message-counters", b"m", ["ghost:9", "email", "ghost", 9])}
+    for table, (totals, prefix, key) in ghosts.items():
+        driver.p.tables.put(totals, 0, prefix + orjson.dumps(key), orjson.dumps([1] * len(C.COUNTER_NAMES[table])))
+    driver.assign(unclean=True)
+    driver.flush()
+    for table, (totals, prefix, key) in ghosts.items():
+        zero_rows = [r for r in driver.rows[table] if r[:len(key)] == tuple(key)]
+        assert zero_rows and zero_rows[-1] == (*key, 0, *[0] * len(C.COUNTER_NAMES[table]), zero_rows[-1][-1])
+        assert len(zero_rows[-1]) == len(TABLE_COLUMNS[table])
+        assert driver.p.tables.get(totals, 0, prefix + orjson.dumps(key)) is None
+    assert counter_counts(driver.rows) == nonzero(expected_counts(driver.rows))
