@@ -12,10 +12,17 @@ in ``;``. Every statement is written to be idempotent (``IF NOT EXISTS``), so
 a file interrupted half-way is simply re-run on the next start. Statements
 run with the client's database switched to the target database, so the SQL
 names tables without a database.
+
+A step that SQL cannot make idempotent (rebuilding a table with storage
+settings that only apply at creation: it must look before it acts) is a
+``NNN_name.py`` file defining ``apply(client)``. It runs like a SQL file (same
+database switch, same checksum rule) and must also be safe to run again after
+an interruption at any point.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import re
 from contextlib import contextmanager
@@ -28,7 +35,7 @@ from sendtrail.clickhouse import DEFAULT_DATABASE, check_identifier, ensure_data
 
 logger = logging.getLogger(__name__)
 
-_NAME_RE = re.compile(r"^\d{3}_[A-Za-z0-9_]+\.sql$")
+_NAME_RE = re.compile(r"^\d{3}_[A-Za-z0-9_]+\.(sql|py)$")
 
 
 class MigrationError(RuntimeError):
@@ -38,15 +45,39 @@ class MigrationError(RuntimeError):
 @dataclass(frozen=True)
 class Migration:
     name: str
-    sql: str
+    sql: str  # the file's text (SQL, or the Python of a ``.py`` migration)
 
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode("utf-8")).hexdigest()
 
     @property
+    def is_python(self) -> bool:
+        return self.name.endswith(".py")
+
+    @property
     def statements(self) -> list[str]:
-        return split_statements(self.sql)
+        return [] if self.is_python else split_statements(self.sql)
+
+    def apply(self, client) -> None:
+        """Run the migration on ``client`` (whose database is the target one)."""
+        if self.is_python:
+            spec = importlib.util.spec_from_loader(f"sendtrail_migration_{self.name[:3]}", loader=None)
+            module = importlib.util.module_from_spec(spec)
+            exec(compile(self.sql, self.name, "exec"), module.__dict__)
+            try:
+                module.apply(client)
+            except Exception as exc:
+                raise MigrationError(f"migration {self.name}: {exc}") from exc
+            return
+        statements = self.statements
+        if not statements:
+            raise MigrationError(f"migration {self.name} has no statements")
+        for i, stmt in enumerate(statements, 1):
+            try:
+                client.command(stmt)
+            except Exception as exc:
+                raise MigrationError(f"migration {self.name}, statement {i}: {exc}") from exc
 
 
 def split_statements(sql: str) -> list[str]:
@@ -81,7 +112,7 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     """Every ``NNN_name.sql`` of the migrations folder, in name order."""
     folder = directory or migrations_dir()
     found = []
-    for path in sorted(folder.glob("*.sql")):
+    for path in sorted(p for p in folder.iterdir() if p.suffix in (".sql", ".py")):
         if not _NAME_RE.match(path.name):
             raise MigrationError(f"{path.name}: migration files are named NNN_name.sql")
         found.append(Migration(path.name, path.read_text(encoding="utf-8")))
@@ -158,15 +189,8 @@ def migrate(client, database: str = DEFAULT_DATABASE, *, directory: Path | None 
         for m in migrations:
             if m.name in applied:
                 continue
-            statements = m.statements
-            if not statements:
-                raise MigrationError(f"migration {m.name} has no statements")
-            logger.info("applying migration %s (%d statements) to %s", m.name, len(statements), database)
-            for i, stmt in enumerate(statements, 1):
-                try:
-                    client.command(stmt)
-                except Exception as exc:
-                    raise MigrationError(f"migration {m.name}, statement {i}: {exc}") from exc
+            logger.info("applying migration %s to %s", m.name, database)
+            m.apply(client)
             client.command(
                 f"INSERT INTO `{database}`.schema_migrations (name, checksum) VALUES ({{name:String}}, {{checksum:String}})",
                 parameters={"name": m.name, "checksum": m.checksum},

@@ -328,7 +328,7 @@ class Queries:
         count saw the same rows); else, or when ``K`` is large, the count is ``final_sql``.
         """
         found = await self._outside_largest(table, keys, fixed)
-        if found is None or len(found[0]) == 1:  # (one part: FINAL reads it without merging anything)
+        if found is None:
             return int(await self._scalar(final_sql, final_params) or 0)
         before, other = found
         both = Where(fixed.parts + changing.parts, {**fixed.params, **changing.params})
@@ -361,17 +361,19 @@ class Queries:
         1. The top ``n`` rows matching both are read without FINAL (older versions and repeats
            included). Every latest row that matches and sorts no later than the ``n``-th row (``T``)
            is among them.
-        2. Which of their keys have a row outside the table's largest merged part ``L``: a read of the
-           other (recent, small) parts only. A key without one has a single row, in ``L`` (a merged
-           part holds one row per key): its candidate row is its latest version.
-        3. The latest versions of the other keys, read with FINAL by primary key.
+        2. The highest version, outside the table's largest merged part ``L``, of each of their keys: a
+           read of the other (recent, small) parts only. ``L`` holds one row per key (a merge keeps one),
+           so a candidate from ``L`` is its key's latest version unless another part holds a higher one.
+        3. The latest versions of the keys that have a candidate outside ``L``, read with FINAL by
+           primary key.
 
         The latest rows that match and sort no later than ``T`` are exactly the first rows of the
         answer. When they cover the page (or the candidates were all there is) the page is exact; else
         ``n`` grows (at least 4x, more when few candidates were latest rows), and past
         ``LATEST_PAGE_MAX_CANDIDATES``, or when no candidate was, the page comes from ``final_sql``. A part
         merged away meanwhile only makes more keys go through step 3 (``_part != L`` then matches all).
-        A table of one part is read with ``final_sql`` (FINAL then merges nothing and is the fastest).
+        A table of one merged part is read without FINAL (it holds one row per key); a table of one
+        part written by an insert is read with ``final_sql``.
         """
         need = page.offset + page.limit
         n = need + 16
@@ -386,36 +388,43 @@ class Queries:
         head = f"SELECT {', '.join(f'{c} AS _s{i}' for i, c in enumerate(sort))}, ({ok}) AS _ok, {columns}"
         parts = await self._active_parts(table)
         if parts is not None and len(parts) == 1:
-            return await self._rows(final_sql, final_params)  # one part: FINAL merges nothing
+            if parts[0][1] == 0:
+                return await self._rows(final_sql, final_params)  # FINAL merges nothing here
+            cols, rows = await self._rows(
+                f"SELECT {columns} FROM {self.t(table)} {both.sql()} ORDER BY {sort_sql} "
+                "LIMIT {_limit:UInt64} OFFSET {_offset:UInt64}",
+                {**both.params, "_limit": page.limit, "_offset": page.offset})
+            return cols, rows
         merged = [p for p in parts or [] if p[1] > 0]
         largest = max(merged, key=lambda p: (p[2], p[0]))[0] if merged else ""
         while n <= self.LATEST_PAGE_MAX_CANDIDATES:
             cols, cand = await self._rows(
-                f"{head}, _part = {{_largest:String}} AS _in_largest FROM {self.t(table)} {both.sql()} "
-                f"ORDER BY {sort_sql} LIMIT {{_n:UInt64}}", {**both.params, "_n": n, "_largest": largest})
+                f"{head}, _version AS _v, _part = {{_largest:String}} AS _in_largest FROM {self.t(table)} "
+                f"{both.sql()} ORDER BY {sort_sql} LIMIT {{_n:UInt64}}", {**both.params, "_n": n, "_largest": largest})
             if not cand:
-                return [c.strip() for c in cols[width + 1:-1]], []
+                return [c.strip() for c in cols[width + 1:-2]], []
 
             def key_of(r):
                 return tuple(r[i] for i in key_at)
 
             wanted = sorted({key_of(r) for r in cand})
-            as_param = [k if len(keys) > 1 else k[0] for k in wanted]
             if largest:
                 elsewhere = await self.deps.query(
-                    f"SELECT DISTINCT {', '.join(keys)} FROM {self.t(table)} "
+                    f"SELECT {', '.join(keys)}, max(_version) FROM {self.t(table)} "
                     f"{fixed.sql('PREWHERE')} {'AND' if fixed.parts else 'PREWHERE'} _part != {{_largest:String}} "
-                    f"AND {key_sql} IN {keys_param}", {**fixed.params, "_largest": largest, "_keys": as_param})
-                contested = {tuple(r) for r in elsewhere}
+                    f"AND {key_sql} IN {keys_param} GROUP BY {', '.join(keys)}",
+                    {**fixed.params, "_largest": largest, "_keys": [k if len(keys) > 1 else k[0] for k in wanted]})
+                newest = {tuple(r[:-1]): r[-1] for r in elsewhere}
+                by_final = {key_of(r) for r in cand if not r[-1]}
             else:
-                contested = set(wanted)
-            latest = [r[:-1] for r in cand if r[-1] and key_of(r) not in contested]
-            if contested:
-                check = sorted(contested)
+                newest, by_final = {}, set(wanted)
+            latest = [r[:-2] for r in cand if r[-1] and key_of(r) not in by_final
+                      and newest.get(key_of(r), 0) <= r[-2]]
+            if by_final:
                 _, fresh = await self._rows(
                     f"{head} FROM {self.t(table)} FINAL {fixed.sql('PREWHERE')} {'AND' if fixed.parts else 'PREWHERE'} "
                     f"{key_sql} IN {keys_param}" + FINAL_SETTINGS,
-                    {**both.params, "_keys": [k if len(keys) > 1 else k[0] for k in check]})
+                    {**both.params, "_keys": [k if len(keys) > 1 else k[0] for k in sorted(by_final)]})
                 latest += [tuple(r) for r in fresh]
             last = tuple(cand[-1][:width])
             complete = len(cand) < n
@@ -426,7 +435,7 @@ class Queries:
                 good = [r for r in latest if r[width] and (complete or tuple(r[:width]) <= last)]
                 good.sort(key=lambda r: tuple(r[:width]))
             if complete or len(good) >= need:
-                return cols[width + 1:-1], [tuple(r[width + 1:]) for r in good[page.offset:need]]
+                return cols[width + 1:-2], [tuple(r[width + 1:]) for r in good[page.offset:need]]
             if not good:
                 # a run of superseded rows sorts first (under a running worker: the oldest waiting node
                 # states of contacts that moved on since the last merge); more candidates would mostly be

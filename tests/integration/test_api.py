@@ -806,6 +806,56 @@ def test_pages_and_totals_over_a_merged_part_and_newer_rows(env, fallback):
         F.load_dataset(client, db)
         for table in ("node_states", "enrollments", "messages", "recipients"):
             client.command(f"OPTIMIZE TABLE {db}.{table} FINAL")
+        deps = make_deps_for_client(client, db, client_factory=lambda: F.open_database(env["path"], db),
+                                    now=lambda: F.NOW.replace(tzinfo=dt.timezone.utc).timestamp())
+        q = Queries(deps)
+        if fallback:
+            q.LATEST_PAGE_MAX_CANDIDATES = 0
+            q.LATEST_COUNT_MAX_KEYS = 0
+        loop = asyncio.new_event_loop()
+        run = loop.run_until_complete
+
+        def final(sql, **params):
+            return [tuple(r) for r in client.query(sql, parameters=params).result_rows]
+
+        def check_pages():
+            for step in (0, 1, 2):
+                for state in ("waiting", "done", "stopped", None):
+                    for sort, order in (("at", "ASC"), ("at", "DESC"), ("contact_id", "ASC"), ("state", "DESC")):
+                        cond = "state = {s:String}" if state else "state IN ('done', 'waiting', 'filtered', 'stopped')"
+                        want = final(f"SELECT contact_id, run, state, at FROM {db}.node_states FINAL "
+                                     f"WHERE automation_id = 'a1' AND step_index = {{step:UInt32}} AND {cond} "
+                                     f"ORDER BY {sort} {order}, contact_id {order}, run {order}", step=step, s=state)
+                        for offset in (0, 2, 5):
+                            got = run(q.node_contacts("a1", step, state=state, period=Period(),
+                                                      page=Page(2, offset, sort, order), sort_key=sort))
+                            assert [(i["contact_id"], i["run"], i["state"], i["state_at"]) for i in got["items"]] == [
+                                (c, r, s, iso(a)) for c, r, s, a in want[offset:offset + 2]], (step, state, sort, order)
+                            assert got["total"] == len(want)
+            for status in (None, "in_progress", "paused", "finished"):
+                for sort, order in (("updated_at", "DESC"), ("name", "ASC"), ("status", "DESC"), ("current_step", "ASC")):
+                    cond = "AND status = {s:String}" if status else ""
+                    want = final(f"SELECT contact_id, run, status, updated_at FROM {db}.enrollments FINAL "
+                                 f"WHERE automation_id = 'a1' {cond} ORDER BY {sort} {order}, contact_id {order}, "
+                                 f"run {order}", s=status)
+                    for offset in (0, 3):
+                        got = run(q.contacts("a1", status=status, q=None, run=None, page=Page(3, offset, sort, order)))
+                        assert [(i["contact_id"], i["run"], i["status"], i["updated_at"]) for i in got["items"]] == [
+                            (c, r, s, iso(u)) for c, r, s, u in want[offset:offset + 3]], (status, sort, order)
+                        assert got["total"] == len(want)
+            for cutoff in (F.NOW, F.T0 + dt.timedelta(days=5)):
+                want = final(f"SELECT contact_id, run, step_index, at FROM {db}.node_states FINAL "
+                             "WHERE automation_id = 'a1' AND state = 'waiting' AND at < {c:DateTime64(3, 'UTC')} "
+                             "ORDER BY at, contact_id, run, step_index", c=cutoff)
+                for offset in (0, 1, 3):
+                    got = run(q.health("a1", cutoff=cutoff, page=Page(2, offset)))
+                    assert [(s["contact_id"], s["run"], s["step_index"], s["waiting_since"]) for s in got["stuck"]] == [
+                        (c, r, k, iso(a)) for c, r, k, a in want[offset:offset + 2]]
+                    assert got["stuck_total"] == len(want)
+
+        for table in ("node_states", "enrollments"):  # one merged part: read without FINAL
+            assert [level > 0 for _, level, _ in run(q._active_parts(table))] == [True]
+        check_pages()
         mrow = next(client.query(f"SELECT * FROM {db}.messages FINAL WHERE mailing_id = 'a1:1' "
                                  "ORDER BY message_id LIMIT 1").named_results())
         insert(client, "messages", [
@@ -828,45 +878,10 @@ def test_pages_and_totals_over_a_merged_part_and_newer_rows(env, fallback):
                                             _version=erow["_version"] + 5),
                                        dict(erow, contact_id="c05", status="failed", _version=0)],
                dedup_token="merged-enrollments", database=db)
-        deps = make_deps_for_client(client, db, client_factory=lambda: F.open_database(env["path"], db),
-                                    now=lambda: F.NOW.replace(tzinfo=dt.timezone.utc).timestamp())
-        q = Queries(deps)
-        if fallback:
-            q.LATEST_PAGE_MAX_CANDIDATES = 0
-            q.LATEST_COUNT_MAX_KEYS = 0
-        loop = asyncio.new_event_loop()
-        run = loop.run_until_complete
         for table in ("node_states", "enrollments"):  # a merged part and newer parts: the paths under test
             parts = run(q._active_parts(table))
             assert len(parts) > 1 and any(level > 0 for _, level, _ in parts)
-
-        def final(sql, **params):
-            return [tuple(r) for r in client.query(sql, parameters=params).result_rows]
-
-        for step in (0, 1, 2):
-            for state in ("waiting", "done", "stopped", None):
-                for sort, order in (("at", "ASC"), ("at", "DESC"), ("contact_id", "ASC"), ("state", "DESC")):
-                    cond = "state = {s:String}" if state else "state IN ('done', 'waiting', 'filtered', 'stopped')"
-                    want = final(f"SELECT contact_id, run, state, at FROM {db}.node_states FINAL "
-                                 f"WHERE automation_id = 'a1' AND step_index = {{step:UInt32}} AND {cond} "
-                                 f"ORDER BY {sort} {order}, contact_id {order}, run {order}", step=step, s=state)
-                    for offset in (0, 2, 5):
-                        got = run(q.node_contacts("a1", step, state=state, period=Period(),
-                                                  page=Page(2, offset, sort, order), sort_key=sort))
-                        assert [(i["contact_id"], i["run"], i["state"], i["state_at"]) for i in got["items"]] == [
-                            (c, r, s, iso(a)) for c, r, s, a in want[offset:offset + 2]], (step, state, sort, order)
-                        assert got["total"] == len(want)
-        for status in (None, "in_progress", "paused", "finished"):
-            for sort, order in (("updated_at", "DESC"), ("name", "ASC"), ("status", "DESC"), ("current_step", "ASC")):
-                cond = "AND status = {s:String}" if status else ""
-                want = final(f"SELECT contact_id, run, status, updated_at FROM {db}.enrollments FINAL "
-                             f"WHERE automation_id = 'a1' {cond} ORDER BY {sort} {order}, contact_id {order}, "
-                             f"run {order}", s=status)
-                for offset in (0, 3):
-                    got = run(q.contacts("a1", status=status, q=None, run=None, page=Page(3, offset, sort, order)))
-                    assert [(i["contact_id"], i["run"], i["status"], i["updated_at"]) for i in got["items"]] == [
-                        (c, r, s, iso(u)) for c, r, s, u in want[offset:offset + 3]], (status, sort, order)
-                    assert got["total"] == len(want)
+        check_pages()
         want = {r[0]: r[1:] for r in final(
             f"SELECT mailing_id, count(), countIf(delivered_at IS NOT NULL), countIf(opened_at IS NOT NULL), "
             f"countIf(clicked_at IS NOT NULL), countIf(dropped_at IS NOT NULL) FROM {db}.messages FINAL "
@@ -882,15 +897,6 @@ def test_pages_and_totals_over_a_merged_part_and_newer_rows(env, fallback):
                                                if automation_id is None or k.startswith(automation_id)}
         assert run(q.automation_detail("a1"))["totals"]["recipients"] == final(
             f"SELECT count() FROM {db}.recipients FINAL WHERE automation_id = 'a1'")[0][0]
-        for cutoff in (F.NOW, F.T0 + dt.timedelta(days=5)):
-            want = final(f"SELECT contact_id, run, step_index, at FROM {db}.node_states FINAL "
-                         "WHERE automation_id = 'a1' AND state = 'waiting' AND at < {c:DateTime64(3, 'UTC')} "
-                         "ORDER BY at, contact_id, run, step_index", c=cutoff)
-            for offset in (0, 1, 3):
-                got = run(q.health("a1", cutoff=cutoff, page=Page(2, offset)))
-                assert [(s["contact_id"], s["run"], s["step_index"], s["waiting_since"]) for s in got["stuck"]] == [
-                    (c, r, k, iso(a)) for c, r, k, a in want[offset:offset + 2]]
-                assert got["stuck_total"] == len(want)
         loop.close()
     finally:
         client.close()

@@ -51,7 +51,7 @@ def run(coro):
 
 def test_migrate_creates_every_table_and_is_idempotent(env):
     client = env["client"]
-    assert env["first"] == sorted(p.name for p in migrations_dir().glob("*.sql"))
+    assert env["first"] == sorted(p.name for p in migrations_dir().iterdir() if p.suffix in (".sql", ".py"))
     tables = {r[0] for r in client.query(
         "SELECT name FROM system.tables WHERE database = {db:String}", parameters={"db": "sendtrail"}
     ).result_rows}
@@ -215,3 +215,97 @@ def test_every_table_accepts_a_row(env):
     for table in samples:
         n = env["client"].query(f"SELECT count() FROM {table} FINAL").result_rows[0][0]
         assert n >= 1, table
+
+
+# ---------------------------------------------------------------- migration 010 (a table rebuild)
+
+class _CrashAt:
+    """A client that fails its ``at``-th command (an interruption at that point of a migration)."""
+
+    def __init__(self, client, at: int):
+        object.__setattr__(self, "_client", client)
+        object.__setattr__(self, "_left", at)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._client, name, value)
+
+    def command(self, *args, **kwargs):
+        left = self._left - 1
+        object.__setattr__(self, "_left", left)
+        if left == 0:
+            raise RuntimeError("interrupted")
+        return self._client.command(*args, **kwargs)
+
+
+def _message_rows(n: int, start: int = 0) -> list[dict]:
+    return [{
+        "message_id": f"m{i}", "mailing_id": f"a1:{i % 3}", "automation_id": "a1", "run": 0,
+        "contact_id": f"c{i}", "step_index": i % 3, "subject": "Hi", "sending_user": "u", "sending_email": "u@x",
+        "email": f"c{i}@example.com", "name": f"Name {i % 97}", "channel": "email", "status": "delivered",
+        "status_at": T0 + i, "sent_at": T0 + i, "delivered_at": T0 + i + 5, "opens": 0, "clicks": 0,
+        "updated_at": T0 + i, "_version": 1,
+    } for i in range(start, start + n)]
+
+
+def _state(client, db: str) -> dict:
+    q = client.query
+    return {
+        "messages": q(f"SELECT * FROM `{db}`.messages FINAL ORDER BY message_id").result_rows,
+        "mailing_sort": q(f"SELECT * FROM `{db}`.mailing_sort FINAL ORDER BY ALL").result_rows,
+        "mailing_info": q(f"SELECT * FROM `{db}`.mailing_info FINAL ORDER BY ALL").result_rows,
+        "node_states": q(f"SELECT * FROM `{db}`.node_states FINAL ORDER BY ALL").result_rows,
+        "tables": sorted(r[0] for r in q("SELECT name FROM system.tables WHERE database = {db:String}",
+                                         parameters={"db": db}).result_rows),
+    }
+
+
+# command 1 of a migrate() run creates schema_migrations; 010 issues 14; the last one records it
+@pytest.mark.parametrize("crash_at", [None, *range(2, 17)])
+def test_migration_010_rebuilds_messages_and_survives_an_interruption_anywhere(env, tmp_path, crash_at):
+    """Data written before 010 stays; the views on messages keep feeding their tables afterwards; a run
+    interrupted at any of its commands is completed by the next run."""
+    client, db = env["client"], "sendtrail_m010"
+    before, folder = tmp_path / "before", tmp_path / "all"
+    shutil.copytree(migrations_dir(), folder)
+    before.mkdir()
+    for path in folder.iterdir():
+        if path.name < "010":
+            shutil.copy(path, before / path.name)
+    client.command(f"DROP DATABASE IF EXISTS {db}")
+    try:
+        migrate(client, db, directory=before)
+        insert(client, "messages", _message_rows(300), dedup_token="m010-a", database=db)
+        insert(client, "node_states", [("a1", f"c{i}", 0, 1, "waiting" if i % 4 else "done", T0 + i, 1)
+                                       for i in range(200)], dedup_token="m010-n", database=db)
+        expected = _state(client, db)
+        if crash_at is not None:
+            with pytest.raises((MigrationError, RuntimeError), match="interrupted"):
+                migrate(_CrashAt(client, crash_at), db, directory=folder)
+        assert migrate(client, db, directory=folder) == ["010_point_read_storage.py"]
+        assert migrate(client, db, directory=folder) == []
+        assert _state(client, db) == expected
+        create = client.query(f"SELECT create_table_query FROM system.tables WHERE database = '{db}' "
+                              "AND name = 'messages'").result_rows[0][0]
+        assert "index_granularity = 1024" in create and "min_compress_block_size = 4096" in create
+        assert "non_replicated_deduplication_window = 1000" in create
+        lacking = client.query(f"SELECT count() FROM system.parts WHERE database = '{db}' "
+                               "AND table = 'node_states' AND active AND NOT has(projections, 'by_wait')")
+        assert lacking.result_rows == [(0,)]
+        # the views feed their tables from the new messages table
+        insert(client, "messages", _message_rows(1, start=1000), dedup_token="m010-b", database=db)
+        sort_rows = client.query(f"SELECT field, value FROM `{db}`.mailing_sort WHERE message_id = 'm1000' "
+                                 "ORDER BY field").result_rows
+        assert sort_rows == [("email", "c1000@example.com"), ("name", "Name 30")]
+        info = client.query(f"SELECT count() FROM `{db}`.mailing_info WHERE mailing_id = 'a1:1'").result_rows
+        assert info[0][0] >= 1
+        # the health read through the projection gives what the table gives
+        waiting = (f"SELECT contact_id, at FROM `{db}`.node_states WHERE automation_id = 'a1' AND state = 'waiting' "
+                   "ORDER BY at, step_index, contact_id, run LIMIT 7")
+        assert client.query(waiting).result_rows == client.query(
+            waiting + " SETTINGS optimize_use_projections = 0").result_rows
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {db}")
+        client.database = "sendtrail"
