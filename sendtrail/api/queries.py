@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time as _time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -333,6 +334,12 @@ class Queries:
         before, other = found
         both = Where(fixed.parts + changing.parts, {**fixed.params, **changing.params})
         t = self.t(table)
+        if len(before) == 1:  # one merged part, one row per key: its rows are the latest state
+            only = Where(both.parts + ["_part = {_only:String}"], {**both.params, "_only": before[0][0]})
+            total = int(await self._scalar(f"SELECT count() FROM {t} {only.sql()}", only.params) or 0)
+            if total or await self._active_parts(table) == before:  # (0 rows: was the part merged away?)
+                return total
+            return int(await self._scalar(final_sql, final_params) or 0)
         total = int(await self._scalar(f"SELECT count() FROM {t} {both.sql()}", both.params) or 0)
         if other:
             key_sql = f"({', '.join(keys)})" if len(keys) > 1 else keys[0]
@@ -361,9 +368,10 @@ class Queries:
         1. The top ``n`` rows matching both are read without FINAL (older versions and repeats
            included). Every latest row that matches and sorts no later than the ``n``-th row (``T``)
            is among them.
-        2. The highest version, outside the table's largest merged part ``L``, of each of their keys: a
-           read of the other (recent, small) parts only. ``L`` holds one row per key (a merge keeps one),
-           so a candidate from ``L`` is its key's latest version unless another part holds a higher one.
+        2. The highest version, outside a merged part ``L``, of each of their keys: ``L`` is the merged part
+           that holds the most candidates (then the largest; under a running worker the other parts are
+           small and recent). ``L`` holds one row per key (a merge keeps one), so a candidate from ``L``
+           is its key's latest version unless another part holds a higher one.
         3. The latest versions of the keys that have a candidate outside ``L``, read with FINAL by
            primary key.
 
@@ -372,8 +380,9 @@ class Queries:
         ``n`` grows (at least 4x, more when few candidates were latest rows), and past
         ``LATEST_PAGE_MAX_CANDIDATES``, or when no candidate was, the page comes from ``final_sql``. A part
         merged away meanwhile only makes more keys go through step 3 (``_part != L`` then matches all).
-        A table of one merged part is read without FINAL (it holds one row per key); a table of one
-        part written by an insert is read with ``final_sql``.
+        A table of one merged part is read without FINAL (it holds one row per key; the read is limited to
+        that part, so a part inserted meanwhile is not seen half-way); a table of one part written by an
+        insert is read with ``final_sql``.
         """
         need = page.offset + page.limit
         n = need + 16
@@ -388,19 +397,21 @@ class Queries:
         head = f"SELECT {', '.join(f'{c} AS _s{i}' for i, c in enumerate(sort))}, ({ok}) AS _ok, {columns}"
         parts = await self._active_parts(table)
         if parts is not None and len(parts) == 1:
-            if parts[0][1] == 0:
-                return await self._rows(final_sql, final_params)  # FINAL merges nothing here
-            cols, rows = await self._rows(
-                f"SELECT {columns} FROM {self.t(table)} {both.sql()} ORDER BY {sort_sql} "
-                "LIMIT {_limit:UInt64} OFFSET {_offset:UInt64}",
-                {**both.params, "_limit": page.limit, "_offset": page.offset})
-            return cols, rows
-        merged = [p for p in parts or [] if p[1] > 0]
-        largest = max(merged, key=lambda p: (p[2], p[0]))[0] if merged else ""
+            if parts[0][1] > 0:  # one merged part, one row per key: read in its own order
+                only = Where(both.parts + ["_part = {_only:String}"], {**both.params, "_only": parts[0][0]})
+                cols, rows = await self._rows(
+                    f"SELECT {columns} FROM {self.t(table)} {only.sql()} ORDER BY {sort_sql} "
+                    "LIMIT {_limit:UInt64} OFFSET {_offset:UInt64}",
+                    {**only.params, "_limit": page.limit, "_offset": page.offset})
+                # a short page may be a part merged away since: then FINAL
+                if len(rows) == page.limit or await self._active_parts(table) == parts:
+                    return cols, rows
+            return await self._rows(final_sql, final_params)  # (an inserted part: FINAL merges nothing)
+        merged = {name: rows for name, level, rows in parts or [] if level > 0}
         while n <= self.LATEST_PAGE_MAX_CANDIDATES:
             cols, cand = await self._rows(
-                f"{head}, _version AS _v, _part = {{_largest:String}} AS _in_largest FROM {self.t(table)} "
-                f"{both.sql()} ORDER BY {sort_sql} LIMIT {{_n:UInt64}}", {**both.params, "_n": n, "_largest": largest})
+                f"{head}, _version AS _v, _part AS _p FROM {self.t(table)} "
+                f"{both.sql()} ORDER BY {sort_sql} LIMIT {{_n:UInt64}}", {**both.params, "_n": n})
             if not cand:
                 return [c.strip() for c in cols[width + 1:-2]], []
 
@@ -408,6 +419,9 @@ class Queries:
                 return tuple(r[i] for i in key_at)
 
             wanted = sorted({key_of(r) for r in cand})
+            # L: the merged part that holds the most candidates (then the largest)
+            held = Counter(r[-1] for r in cand if r[-1] in merged)
+            largest = max(held, key=lambda name: (held[name], merged[name], name)) if held else ""
             if largest:
                 elsewhere = await self.deps.query(
                     f"SELECT {', '.join(keys)}, max(_version) FROM {self.t(table)} "
@@ -415,10 +429,10 @@ class Queries:
                     f"AND {key_sql} IN {keys_param} GROUP BY {', '.join(keys)}",
                     {**fixed.params, "_largest": largest, "_keys": [k if len(keys) > 1 else k[0] for k in wanted]})
                 newest = {tuple(r[:-1]): r[-1] for r in elsewhere}
-                by_final = {key_of(r) for r in cand if not r[-1]}
+                by_final = {key_of(r) for r in cand if r[-1] != largest}
             else:
                 newest, by_final = {}, set(wanted)
-            latest = [r[:-2] for r in cand if r[-1] and key_of(r) not in by_final
+            latest = [r[:-2] for r in cand if r[-1] == largest and key_of(r) not in by_final
                       and newest.get(key_of(r), 0) <= r[-2]]
             if by_final:
                 _, fresh = await self._rows(

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
-SERVICES = {"kafka", "clickhouse", "worker", "prometheus", "grafana"}
+SERVICES = {"kafka", "clickhouse", "migrate", "worker", "prometheus", "grafana"}
 
 
 def _compose_cli() -> list[str] | None:
@@ -116,6 +116,13 @@ def test_compose_normalized_content(normalized, tmp_path):
         assert worker["depends_on"][dep]["condition"] == "service_healthy", dep
         assert "healthcheck" in services[dep], dep
     assert "healthcheck" in worker
+    # migrations run once, in their own service, before any worker starts (migration 010 rebuilds a table)
+    assert settings.migrate_on_start is False
+    assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    migrate_svc = services["migrate"]
+    assert migrate_svc["command"] in (["migrate"], "migrate") and migrate_svc["image"] == worker["image"]
+    assert Settings.from_env({k: str(v) for k, v in migrate_svc["environment"].items()}).clickhouse_url == (
+        settings.clickhouse_url)
 
     prom_mounts = json.dumps(services["prometheus"]["volumes"])
     assert "deploy/prometheus" in prom_mounts and "/etc/prometheus" in prom_mounts
