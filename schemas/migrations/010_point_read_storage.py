@@ -2,16 +2,16 @@
 
 messages: rebuilt with ``index_granularity = 1024`` and ``min_compress_block_size = 4096``. A
 mailing's recipients by name or e-mail read 50 messages by primary key; with 8192-row granules
-and 64 KiB blocks that read decompressed ~105 MB for 50 rows. On a copy of the 10M-row benchmark
-table merged to one part (benchmarks/queries.py data): 111/117 ms (min/median) before, 57/62 ms
-after, 265.8 vs 285.3 MB on disk. These settings only apply when a table is created, so the table
+and 64 KiB blocks that read decompressed ~105 MB for 50 rows. On the 10M-row benchmark table
+(benchmarks/queries.py data; min/median): 111/117 ms as it was (6 parts, 265.8 MB on disk), 57/62 ms
+on a copy with both settings merged to one part (285.3 MB). These settings only apply when a table is created, so the table
 is copied into a new one and swapped in by name (``RENAME``); the two materialized views that read
 ``messages`` (migrations 007 and 008) are recreated on the new table from their own definitions.
 
-node_states: a projection ordered by (automation_id, state, at, ...) so that the health report's
-"waiting longest" candidates are read in order from a few granules instead of scanning every
-row of the automation (42 -> 11 ms on the 10M-row benchmark). Merges rebuild it
-(``deduplicate_merge_projection_mode = 'rebuild'``), so it holds exactly the rows of its part.
+A projection on node_states ordered by waiting time (for the health report) was tried here and
+left out: its sorted second copy on every insert and merge took the worker's batch median from
+0.39 to 0.69 s and latency p99 from 1.8 to 2.0 s at 2,500 events/s (benchmarks/pipeline.py
+--latency-only 2500, with and without it).
 
 Run it while nothing writes ``messages``: the worker migrates before it consumes; with several
 workers against a server, run ``sendtrail migrate`` once first (docker-compose does). Every step
@@ -24,7 +24,6 @@ import re
 GRANULARITY = 1024
 MIN_COMPRESS_BLOCK = 4096
 VIEWS = ("mailing_info_mv", "mailing_sort_mv")
-PROJECTION = ("PROJECTION by_wait (SELECT * ORDER BY automation_id, state, at, step_index, contact_id, run)")
 
 
 def _create_query(client, db: str, name: str) -> str | None:
@@ -76,19 +75,6 @@ def _rebuild_messages(client, db: str) -> None:
     client.command(f"DROP TABLE IF EXISTS {q}messages_previous")
 
 
-def _project_node_states(client, db: str) -> None:
-    t = f"`{db}`.node_states"
-    client.command(f"ALTER TABLE {t} MODIFY SETTING deduplicate_merge_projection_mode = 'rebuild'")
-    if "PROJECTION by_wait" not in _create_query(client, db, "node_states"):
-        client.command(f"ALTER TABLE {t} ADD {PROJECTION}")
-    without = client.query(
-        "SELECT count() FROM system.parts WHERE database = {db:String} AND table = 'node_states' AND active "
-        "AND NOT has(projections, 'by_wait')", parameters={"db": db}).result_rows[0][0]
-    if without:  # parts written before the projection existed
-        client.command(f"ALTER TABLE {t} MATERIALIZE PROJECTION by_wait", settings={"mutations_sync": 2})
-
-
 def apply(client) -> None:
     db = client.database
     _rebuild_messages(client, db)
-    _project_node_states(client, db)
