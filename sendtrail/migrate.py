@@ -64,9 +64,14 @@ class Migration:
         if self.is_python:
             spec = importlib.util.spec_from_loader(f"sendtrail_migration_{self.name[:3]}", loader=None)
             module = importlib.util.module_from_spec(spec)
-            exec(compile(self.sql, self.name, "exec"), module.__dict__)
             try:
-                module.apply(client)
+                exec(compile(self.sql, self.name, "exec"), module.__dict__)
+                apply = module.apply
+            except Exception as exc:
+                raise MigrationError(f"migration {self.name} cannot be loaded (it defines apply(client)): "
+                                     f"{type(exc).__name__}: {exc}") from exc
+            try:
+                apply(client)
             except Exception as exc:
                 raise MigrationError(f"migration {self.name}: {exc}") from exc
             return
@@ -109,12 +114,12 @@ def migrations_dir() -> Path:
 
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:
-    """Every ``NNN_name.sql`` of the migrations folder, in name order."""
+    """Every ``NNN_name.sql`` and ``NNN_name.py`` of the migrations folder, in name order."""
     folder = directory or migrations_dir()
     found = []
     for path in sorted(p for p in folder.iterdir() if p.suffix in (".sql", ".py")):
         if not _NAME_RE.match(path.name):
-            raise MigrationError(f"{path.name}: migration files are named NNN_name.sql")
+            raise MigrationError(f"{path.name}: migration files are named NNN_name.sql or NNN_name.py")
         found.append(Migration(path.name, path.read_text(encoding="utf-8")))
     numbers = [m.name[:3] for m in found]
     dup = sorted({n for n in numbers if numbers.count(n) > 1})

@@ -77,6 +77,39 @@ def test_derived_tables_are_fed_by_views_that_sum_nothing():
         assert not re.search(r"\b(sum|count|avg|uniq)\w*\s*\(", v, re.I), v
 
 
+def test_a_python_migration_runs_apply_and_a_broken_one_is_a_clear_error(tmp_path):
+    """A ``NNN_name.py`` migration (a step SQL cannot make idempotent) runs its ``apply(client)``."""
+    import pytest
+
+    from sendtrail.migrate import MigrationError
+
+    (tmp_path / "001_a.sql").write_text("CREATE TABLE IF NOT EXISTS a (x UInt8) ENGINE = Memory;\n")
+    (tmp_path / "002_b.py").write_text("def apply(client):\n    client.command('SELECT 2')\n")
+    (tmp_path / "003_c.py").write_text("x = 1\n")
+    (tmp_path / "004_d.py").write_text("def apply(client):\n    raise ValueError('no table t')\n")
+    found = load_migrations(tmp_path)
+    assert [m.name for m in found] == ["001_a.sql", "002_b.py", "003_c.py", "004_d.py"]
+    assert found[1].statements == [] and found[1].is_python
+
+    class Client:
+        commands: list = []
+
+        def command(self, sql):
+            self.commands.append(sql)
+
+    client = Client()
+    found[0].apply(client)
+    found[1].apply(client)
+    assert client.commands == ["CREATE TABLE IF NOT EXISTS a (x UInt8) ENGINE = Memory", "SELECT 2"]
+    with pytest.raises(MigrationError, match="003_c.py cannot be loaded .*AttributeError"):
+        found[2].apply(client)
+    with pytest.raises(MigrationError, match="004_d.py: no table t"):
+        found[3].apply(client)
+    (tmp_path / "5_bad.py").write_text("")
+    with pytest.raises(MigrationError, match="NNN_name.sql or NNN_name.py"):
+        load_migrations(tmp_path)
+
+
 def test_split_statements():
     sql = "-- a comment;\nCREATE TABLE a (x UInt8)\nENGINE = Memory;\n\n-- trailing\nSELECT 1;\n-- only a comment\n"
     assert split_statements(sql) == ["-- a comment;\nCREATE TABLE a (x UInt8)\nENGINE = Memory", "-- trailing\nSELECT 1"]
