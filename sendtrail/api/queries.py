@@ -357,7 +357,8 @@ class Queries:
 
     async def _latest_page(self, *, table: str, keys: Sequence[str], key_types: Sequence[str], columns: str,
                            fixed: Where, changing: Where, sort: Sequence[str], page: Page,
-                           final_sql: str, final_params: Mapping[str, Any]) -> tuple[list[str], list[tuple]]:
+                           final_sql: str, final_params: Mapping[str, Any], window_total: bool = False
+                           ) -> tuple[list[str], list[tuple]]:
         """A page of ``table`` FINAL (latest version per key) matching ``fixed`` and ``changing``, sorted by
         ``sort`` (plain columns, none Nullable, ending with the key columns) in ``page.order``, without
         running FINAL over every matching row.
@@ -382,7 +383,8 @@ class Queries:
         merged away meanwhile only makes more keys go through step 3 (``_part != L`` then matches all).
         A table of one merged part is read without FINAL (it holds one row per key; the read is limited to
         that part, so a part inserted meanwhile is not seen half-way); a table of one part written by an
-        insert is read with ``final_sql``.
+        insert is read with ``final_sql``. With ``window_total`` that one-part read also counts every
+        matching row (a last column ``_total``, as ``final_sql`` may have).
         """
         need = page.offset + page.limit
         n = need + 16
@@ -399,8 +401,9 @@ class Queries:
         if parts is not None and len(parts) == 1:
             if parts[0][1] > 0:  # one merged part, one row per key: read in its own order
                 only = Where(both.parts + ["_part = {_only:String}"], {**both.params, "_only": parts[0][0]})
+                total = ", count() OVER () AS _total" if window_total else ""
                 cols, rows = await self._rows(
-                    f"SELECT {columns} FROM {self.t(table)} {only.sql()} ORDER BY {sort_sql} "
+                    f"SELECT {columns}{total} FROM {self.t(table)} {only.sql()} ORDER BY {sort_sql} "
                     "LIMIT {_limit:UInt64} OFFSET {_offset:UInt64}",
                     {**only.params, "_limit": page.limit, "_offset": page.offset})
                 # a short page may be a part merged away since: then FINAL
@@ -840,7 +843,8 @@ class Queries:
         changing = Where().add("state = 'waiting'").add(f"at < {{cutoff:{TIME}}}", cutoff=p["cutoff"])
         keys, key_types = ("step_index", "contact_id", "run"), ("UInt32", "String", "UInt32")
         count_final = f"SELECT count() FROM {self.t('node_states')} FINAL {stuck_where}" + FINAL_SETTINGS
-        # the FINAL page (one part, or candidates that fell short) counts its rows in the same read
+        # the FINAL page (candidates that fell short) and the page of one merged part count their rows
+        # in the same read
         cols, rows = await self._latest_page(
             table="node_states", keys=keys, key_types=key_types,
             columns="contact_id, run, step_index, at AS waiting_since", fixed=fixed, changing=changing,
@@ -849,7 +853,7 @@ class Queries:
                        f"FROM {self.t('node_states')} FINAL {stuck_where} "
                        "ORDER BY waiting_since, contact_id, run, step_index LIMIT {limit:UInt64} OFFSET {offset:UInt64}"
                        + FINAL_SETTINGS),
-            final_params=p)
+            final_params=p, window_total=True)
         stuck_total = None
         if cols and cols[-1] == "_total":
             stuck_total = await self._window_total(cols, rows, count_final, p, page.offset)
