@@ -19,8 +19,6 @@ looks before it acts, so a run interrupted anywhere is completed by the next one
 """
 from __future__ import annotations
 
-import re
-
 GRANULARITY = 1024
 MIN_COMPRESS_BLOCK = 4096
 VIEWS = ("mailing_info_mv", "mailing_sort_mv")
@@ -33,28 +31,15 @@ def _create_query(client, db: str, name: str) -> str | None:
     return rows[0][0] if rows else None
 
 
-def _with_settings(create: str, name: str, new_name: str, settings: dict) -> str:
-    """``create`` (a ``create_table_query``) for ``new_name``, with ``settings`` set in its SETTINGS clause."""
-    head = f"CREATE TABLE {name} "
-    if not create.startswith(head):
-        raise RuntimeError(f"unexpected definition of {name}: {create[:80]}")
-    match = re.search(r" SETTINGS (.*)$", create, re.S)
-    body = create[len(head):match.start() if match else len(create)]
-    kept = {}
-    for item in (match.group(1).split(", ") if match else []):
-        key, _, value = item.partition(" = ")
-        kept[key.strip()] = value.strip()
-    kept.update({k: str(v) for k, v in settings.items()})
-    return f"CREATE TABLE IF NOT EXISTS {new_name} {body} SETTINGS " + ", ".join(f"{k} = {v}" for k, v in kept.items())
-
-
 def _rebuild_messages(client, db: str) -> None:
     q = f"`{db}`."
     create = _create_query(client, db, "messages")
     if f"index_granularity = {GRANULARITY}," not in create + ",":
-        client.command(_with_settings(create, f"{db}.messages", f"{q}messages_rebuild",
-                                      {"index_granularity": GRANULARITY,
-                                       "min_compress_block_size": MIN_COMPRESS_BLOCK}))
+        # columns, comments and skip indexes come from messages itself; engine and key as in migration 004
+        client.command(f"CREATE TABLE IF NOT EXISTS {q}messages_rebuild AS {q}messages "
+                       "ENGINE = ReplacingMergeTree(_version) ORDER BY (mailing_id, message_id) "
+                       "SETTINGS non_replicated_deduplication_window = 1000, "
+                       f"index_granularity = {GRANULARITY}, min_compress_block_size = {MIN_COMPRESS_BLOCK}")
         client.command(f"TRUNCATE TABLE {q}messages_rebuild")  # a copy an interruption left half-done
         client.command(f"INSERT INTO {q}messages_rebuild SELECT * FROM {q}messages",
                        settings={"async_insert": 0, "insert_deduplicate": 0})

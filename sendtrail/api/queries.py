@@ -160,6 +160,11 @@ class Where:
         return f"{keyword} " + " AND ".join(self.parts) if self.parts else ""
 
 
+def _in_part(where: Where, part: str) -> Where:
+    """``where`` limited to the rows of one data part (``_part``)."""
+    return Where(where.parts + ["_part = {_only:String}"], {**where.params, "_only": part})
+
+
 def _without(where: Where, fixed: Where) -> Where:
     """The conditions of ``where`` that are not in ``fixed``, with their parameters."""
     return Where([x for x in where.parts if x not in fixed.parts],
@@ -335,7 +340,7 @@ class Queries:
         both = Where(fixed.parts + changing.parts, {**fixed.params, **changing.params})
         t = self.t(table)
         if len(before) == 1:  # one merged part, one row per key: its rows are the latest state
-            only = Where(both.parts + ["_part = {_only:String}"], {**both.params, "_only": before[0][0]})
+            only = _in_part(both, before[0][0])
             total = int(await self._scalar(f"SELECT count() FROM {t} {only.sql()}", only.params) or 0)
             if total or await self._active_parts(table) == before:  # (0 rows: was the part merged away?)
                 return total
@@ -396,11 +401,15 @@ class Queries:
         ok = " AND ".join(changing.parts) or "1"
         key_sql = f"({', '.join(keys)})" if len(keys) > 1 else keys[0]
         keys_param = "{_keys:Array(" + (f"Tuple({', '.join(key_types)})" if len(keys) > 1 else key_types[0]) + ")}"
+
+        def as_param(ks):  # key tuples as the _keys parameter
+            return [k if len(keys) > 1 else k[0] for k in ks]
+
         head = f"SELECT {', '.join(f'{c} AS _s{i}' for i, c in enumerate(sort))}, ({ok}) AS _ok, {columns}"
         parts = await self._active_parts(table)
         if parts is not None and len(parts) == 1:
             if parts[0][1] > 0:  # one merged part, one row per key: read in its own order
-                only = Where(both.parts + ["_part = {_only:String}"], {**both.params, "_only": parts[0][0]})
+                only = _in_part(both, parts[0][0])
                 total = ", count() OVER () AS _total" if window_total else ""
                 cols, rows = await self._rows(
                     f"SELECT {columns}{total} FROM {self.t(table)} {only.sql()} ORDER BY {sort_sql} "
@@ -424,24 +433,24 @@ class Queries:
             wanted = sorted({key_of(r) for r in cand})
             # L: the merged part that holds the most candidates (then the largest)
             held = Counter(r[-1] for r in cand if r[-1] in merged)
-            largest = max(held, key=lambda name: (held[name], merged[name], name)) if held else ""
-            if largest:
+            base = max(held, key=lambda name: (held[name], merged[name], name)) if held else ""
+            if base:
                 elsewhere = await self.deps.query(
                     f"SELECT {', '.join(keys)}, max(_version) FROM {self.t(table)} "
-                    f"{fixed.sql('PREWHERE')} {'AND' if fixed.parts else 'PREWHERE'} _part != {{_largest:String}} "
+                    f"{fixed.sql('PREWHERE')} {'AND' if fixed.parts else 'PREWHERE'} _part != {{_base:String}} "
                     f"AND {key_sql} IN {keys_param} GROUP BY {', '.join(keys)}",
-                    {**fixed.params, "_largest": largest, "_keys": [k if len(keys) > 1 else k[0] for k in wanted]})
+                    {**fixed.params, "_base": base, "_keys": as_param(wanted)})
                 newest = {tuple(r[:-1]): r[-1] for r in elsewhere}
-                by_final = {key_of(r) for r in cand if r[-1] != largest}
+                by_final = {key_of(r) for r in cand if r[-1] != base}
             else:
                 newest, by_final = {}, set(wanted)
-            latest = [r[:-2] for r in cand if r[-1] == largest and key_of(r) not in by_final
+            latest = [r[:-2] for r in cand if r[-1] == base and key_of(r) not in by_final
                       and newest.get(key_of(r), 0) <= r[-2]]
             if by_final:
                 _, fresh = await self._rows(
                     f"{head} FROM {self.t(table)} FINAL {fixed.sql('PREWHERE')} {'AND' if fixed.parts else 'PREWHERE'} "
                     f"{key_sql} IN {keys_param}" + FINAL_SETTINGS,
-                    {**both.params, "_keys": [k if len(keys) > 1 else k[0] for k in sorted(by_final)]})
+                    {**both.params, "_keys": as_param(sorted(by_final))})
                 latest += [tuple(r) for r in fresh]
             last = tuple(cand[-1][:width])
             complete = len(cand) < n
