@@ -115,6 +115,8 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "change_id", "kind", "automation_id", "contact_id", "run", "step_index", "message_id",
         "from_status", "to_status", "reason", "event_id", "event_type", "occurred_at",
     ),
+    # steps that may have been sent twice (migration 011; rows from the engine's Result.repeats)
+    "repeat_sends": ("automation_id", "contact_id", "run", "step_index", "message_ids", "verify"),
     "static_lists": (
         "list_id", "name", "automation_id", "step_index", "state", "status", "count", "created_at",
     ),

@@ -116,6 +116,7 @@ SINK_TABLES: tuple[str, ...] = (
     "messages",
     "message_events",
     "status_changes",
+    "repeat_sends",
     "static_lists",
     "static_list_members",
     "mailing_counters",

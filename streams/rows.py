@@ -79,6 +79,15 @@ def recipient_row(sent: dict, run_view: dict, partition: int, offset: int) -> di
     }
 
 
+def repeat_send_row(automation_id: str, contact_id: str, run: int, step_index: int, message_ids, verify: bool
+                    ) -> dict:
+    """A step of a run sent more than once (the engine's ``Result.repeats``): health lists the duplicate
+    sends from these rows (the ids of a key are united; a key with ``verify`` takes its ids from
+    ``send_index`` instead)."""
+    return {"automation_id": automation_id, "contact_id": contact_id, "run": run, "step_index": step_index,
+            "message_ids": list(message_ids), "verify": 1 if verify else 0}
+
+
 def enrollment_row(view: dict, updated_at: int) -> dict:
     return {
         "automation_id": view["automation_id"],

@@ -76,6 +76,10 @@ def _emit(res, event: dict, automation: dict | None, out: Output, partition: int
     changes = res.changes
     out.changes.extend(changes)
     out.add_rows("status_changes", [rows.status_change_row(c) for c in changes])
+    if res.repeats:
+        aid, cid = res.state["automation_id"], res.state["contact_id"]
+        out.add_rows("repeat_sends", [rows.repeat_send_row(aid, cid, run, step, ids, verify)
+                                      for run, step, ids, verify in res.repeats])
     runs = {c["run"] for c in changes}
     if event["type"] == "contact.enrolled" or res.registrations:
         runs.update(range(len(res.state.get("runs") or ())))

@@ -885,35 +885,24 @@ class Queries:
     async def _duplicate_sends(self, automation_id: str, page: Page) -> tuple[list[str], list[tuple], int]:
         """Steps sent more than once to the same run: (contact_id, run, step_index, message_ids) rows.
 
-        ``send_index`` (migration 007) holds the set of message ids per (automation, contact, run, step),
-        merged by union; a part holds one row per key (parts are aggregated when written). A key with
-        two or more ids is either a row with two or more ids in one part, or rows in two or more parts.
-        Candidates: in the largest part, the rows with two or more ids, found by the ``idx_multi``
-        skip index without reading the automation's other rows; in every other part, all rows (they
-        hold the recent sends; a key split over parts has a row outside the largest one). The
-        candidates' rows are then read by key and their sets united; a replayed send repeats its
-        message id, which the union folds. ``idx_multi`` is only right in a part made by a merge (an
-        insert computes it before folding the rows of a key), so a largest part that is not a merge
-        of several parts is read in full too.
+        From ``repeat_sends`` (migration 011), which the worker writes per step registered a second
+        time, with the ids registered at it: the read is as small as the automation's duplicates. A key
+        marked ``verify`` (a message's step changed) takes its ids from ``send_index`` (migration 007,
+        every id sent per key, united by merges), read by primary key; a key that then holds one id is
+        no duplicate.
         """
         p = {"a": automation_id, "limit": page.limit, "offset": page.offset}
-        try:
-            largest = await self.deps.query(
-                "SELECT name FROM system.parts WHERE database = {db:String} AND table = 'send_index' AND active "
-                "AND min_block_number < max_block_number ORDER BY rows DESC, name LIMIT 1", {"db": self.db})
-        except Exception:  # no access to system.parts: read every part (same answer, slower)
-            largest = []
-        p["largest"] = largest[0][0] if largest else ""
-        si = self.t("send_index")
-        candidates = (
-            f"SELECT contact_id, run, step_index FROM {si} "
-            "WHERE automation_id = {a:String} AND length(message_ids) > 1 "
-            "UNION ALL "
-            f"SELECT contact_id, run, step_index FROM {si} "
-            "WHERE automation_id = {a:String} AND _part != {largest:String}")
-        dup_sql = (f"SELECT contact_id, run, step_index, arraySort(groupUniqArrayArray(message_ids)) AS message_ids "
-                   f"FROM {si} WHERE automation_id = {{a:String}} AND (contact_id, run, step_index) IN ({candidates}) "
-                   "GROUP BY contact_id, run, step_index HAVING length(message_ids) > 1")
+        named = (f"SELECT contact_id, run, step_index, groupUniqArrayArray(message_ids) AS ids, max(verify) AS v "
+                 f"FROM {self.t('repeat_sends')} WHERE automation_id = {{a:String}} "
+                 "GROUP BY contact_id, run, step_index")
+        dup_sql = (
+            f"WITH named AS ({named}) "
+            "SELECT contact_id, run, step_index, arraySort(ids) AS message_ids FROM ("
+            "SELECT contact_id, run, step_index, ids FROM named WHERE v = 0 UNION ALL "
+            "SELECT contact_id, run, step_index, groupUniqArrayArray(message_ids) AS ids "
+            f"FROM {self.t('send_index')} WHERE automation_id = {{a:String}} AND (contact_id, run, step_index) "
+            "IN (SELECT contact_id, run, step_index FROM named WHERE v = 1) GROUP BY contact_id, run, step_index"
+            ") WHERE length(ids) > 1")
         cols, rows = await self._rows(
             f"SELECT contact_id, run, step_index, message_ids, count() OVER () AS _total FROM ({dup_sql}) "
             "ORDER BY contact_id, run, step_index LIMIT {limit:UInt64} OFFSET {offset:UInt64}", p)

@@ -68,6 +68,13 @@ class Result:
     changed: bool
     changes: list
     registrations: list
+    # Steps of a run sent more than once, as (run, step_index, message_ids, verify): a message registered
+    # while other messages of the run have its step gives its id and theirs (verify False); a message
+    # whose step changes (an earlier report of it said another step) gives its old and new step with
+    # verify True and no ids: the ids registered at those steps are then read from the recipients.
+    # Every step that got two messages registered in a run is named, and for a step never named with
+    # verify the union of the ids named is exactly the messages registered at it.
+    repeats: list | tuple = ()
 
 
 def key_of(event: dict) -> str:
@@ -606,6 +613,20 @@ def _h_sent(run, ev, regs):
     return _REFRESH
 
 
+def _repeats(run, mid, step_before) -> list | tuple:
+    """``Result.repeats`` of a ``step.sent`` of message ``mid`` (its step before: ``step_before``)."""
+    sends = run["sends"]
+    step = sends.get(mid)
+    if step_before is None:  # registered now (or not at all: a send the run's choice did not take)
+        if step is None:
+            return ()
+        ids = [other for other, s in sends.items() if s == step]
+        return [(run["run"], step, sorted(ids), False)] if len(ids) > 1 else ()
+    if step != step_before:
+        return [(run["run"], step_before, (), True), (run["run"], step, (), True)]
+    return ()
+
+
 def _h_filtered(run, ev, regs):
     at = ev["occurred_at"]
     changed = _set_started(run, at)
@@ -813,16 +834,19 @@ def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int 
                 if ra is not None and old_now < ra <= now:
                     if _refresh(state, r, steps, now, "auto:" + h[1], AUTO_RESUME_TYPE, ra, changes):
                         changed = True
+    repeats: list | tuple = ()
     if run_handler is not None:
-        if len(runs) == 1:
-            run = runs[0]
-            code = run_handler(run, event, regs)
+        n_runs = len(runs)
+        run = runs[0] if n_runs == 1 else _latest(state, at)
+        if run_handler is _h_sent:
+            mid = event["message_id"]
+            step_before = run["sends"].get(mid)
+            code = _h_sent(run, event, regs)
+            repeats = _repeats(run, mid, step_before)
         else:
-            n_runs = len(runs)
-            run = _latest(state, at)
             code = run_handler(run, event, regs)
-            if len(runs) != n_runs:  # the run was created (maybe with orphan outcomes merged into it)
-                code = _REFRESH
+        if len(runs) != n_runs:  # _latest created the run (maybe with orphan outcomes merged into it)
+            code = _REFRESH
         if at > run["last_at"]:
             run["last_at"] = at
             changed = True
@@ -847,7 +871,7 @@ def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int 
                     _refresh(state, r, steps, now, eid, etype, at, changes)
     if changed:
         state["version"] += 1
-    return Result(state, changed, changes, regs)
+    return Result(state, changed, changes, regs, repeats)
 
 
 def tick(state: dict, automation: dict | None, now_ms: int) -> Result:

@@ -145,6 +145,15 @@ END_STATE_QUERIES = {
     "nodes": "SELECT automation_id, contact_id, run, step_index, state FROM sendtrail.node_states FINAL "
              "WHERE state != 'none'",
     "recipients": "SELECT automation_id, contact_id, run, step_index, message_id FROM sendtrail.recipients FINAL",
+    # health's duplicate sends as the API reads them: the worker's repeat_sends, their ids from send_index
+    # for the keys it marked for verification
+    "duplicate_sends": "WITH named AS (SELECT automation_id AS a, contact_id AS c, run AS r, step_index AS s, "
+                       "groupUniqArrayArray(message_ids) AS ids, max(verify) AS v FROM sendtrail.repeat_sends "
+                       "GROUP BY a, c, r, s) SELECT a, c, r, s, arraySort(ids) FROM (SELECT a, c, r, s, ids FROM named "
+                       "WHERE v = 0 UNION ALL SELECT automation_id, contact_id, run, step_index, "
+                       "groupUniqArrayArray(message_ids) FROM sendtrail.send_index WHERE (automation_id, contact_id, "
+                       "run, step_index) IN (SELECT a, c, r, s FROM named WHERE v = 1) "
+                       "GROUP BY automation_id, contact_id, run, step_index) WHERE length(ids) > 1",
     "messages": "SELECT message_id, status, opens, clicks, bounce_class, "
                 + ", ".join(f"{f}_at IS NOT NULL" for f in FLAG_COLUMNS) + " FROM sendtrail.messages FINAL",
     "status_changes": "SELECT count(), uniqExact(change_id) FROM sendtrail.status_changes FINAL",
@@ -186,6 +195,7 @@ def read_end_state(path: Path) -> dict:
     for aid, cid, run, step, node_state in raw["nodes"]:
         state["nodes"].setdefault(f"{aid}|{cid}|{run}", {})[str(step)] = node_state
     state["recipients"] = sorted([list(r) for r in raw["recipients"]])
+    state["duplicate_sends"] = sorted((*r[:4], tuple(r[4])) for r in raw["duplicate_sends"])
     for row in raw["messages"]:
         mid, status, opens, clicks, bounce_class = row[:5]
         flags = sorted(f for f, on in zip(FLAG_COLUMNS, row[5:]) if on in (1, True, "1", "true"))
@@ -223,6 +233,14 @@ def compare_with_oracle(state: dict, oracle: dict) -> list[str]:
         extra = [r for r in state["recipients"] if r not in exp_rec][:5]
         diffs.append(f"recipients: expected {len(exp_rec)}, got {len(state['recipients'])}; "
                      f"missing {missing}, extra {extra}")
+    sent = {}
+    for aid, cid, run, step, mid in exp_rec:
+        sent.setdefault((aid, cid, run, step), set()).add(mid)
+    exp_dups = sorted((*key, tuple(sorted(mids))) for key, mids in sent.items() if len(mids) > 1)
+    if exp_dups != state["duplicate_sends"]:
+        diffs.append(f"duplicate sends: expected {len(exp_dups)}, got {len(state['duplicate_sends'])}; "
+                     f"missing {sorted(set(exp_dups) - set(state['duplicate_sends']))[:5]}, "
+                     f"extra {sorted(set(state['duplicate_sends']) - set(exp_dups))[:5]}")
     exp_msg = oracle["messages"]
     for mid in sorted(set(exp_msg) | set(state["messages"])):
         exp, got = exp_msg.get(mid), state["messages"].get(mid)

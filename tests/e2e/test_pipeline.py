@@ -55,6 +55,7 @@ def test_generated_workload_matches_the_oracle_exactly(worker):
     worker.stop()
     state = _assert_exact(worker, workload.oracle)
     assert len(state["recipients"]) > CONTACTS  # a real workload, not an empty one
+    assert state["duplicate_sends"]  # with steps sent twice, found through the worker's repeat_sends
     # a clean stop says so in its commits: its successor replays nothing
     commits = _commits(worker)
     assert commits and all(meta == CLEAN for _, meta in commits.values()), commits

@@ -39,6 +39,7 @@ import orjson
 
 from sendtrail.clickhouse import connect, insert
 from sendtrail.migrate import migrate
+from streams.rows import repeat_send_row
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2024, 3, 1, 0, 0, 0)          # naive UTC, as ClickHouse returns it
@@ -258,6 +259,12 @@ def load_dataset(client, database: str) -> None:
     # a replayed batch: identical rows in another part (FINAL must fold them)
     client_rows = recipient_rows[:5]
     insert(client, "recipients", client_rows, dedup_token="replay-" + database, database=database)
+    # the worker's candidates for duplicate sends: one row per step registered a second time
+    _ins(client, "repeat_sends", [
+        repeat_send_row(s.run.automation_id, s.run.contact_id, s.run.run, s.step,
+                        [Send(s.run, s.step, c).message_id for c in range(s.copy + 1)], False)
+        for s in all_sends if s.copy
+    ], database)
 
     enrollment_rows = [
         dict(automation_id=r.automation_id, contact_id=r.contact_id, run=r.run, status=r.status, reason=r.reason,

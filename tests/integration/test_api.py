@@ -420,10 +420,12 @@ def test_health(api):
 
 
 def test_duplicate_sends_across_parts_replays_and_merges(env):
-    """Health's duplicate sends come from send_index (migration 007): a second send of a step in a
-    later insert (another part) is found before any merge, a replayed send is no duplicate, and
-    both still hold once the parts are merged."""
+    """Health's duplicate sends: the worker's candidates (repeat_sends, migration 011) with their ids
+    from send_index (migration 007). A second send of a step in a later insert (another part) is
+    found before any merge; a replayed send, and a candidate whose key holds one message id, are no
+    duplicates; all of it still holds once the parts are merged."""
     from sendtrail.clickhouse import insert
+    from streams.rows import repeat_send_row
 
     db = "api_dups"
     client = F.open_database(env["path"], db)
@@ -444,18 +446,27 @@ def test_duplicate_sends_across_parts_replays_and_merges(env):
                 "SELECT * FROM recipients FINAL WHERE automation_id = 'a1' AND contact_id = 'c03' AND step_index = 1"
             ).named_results()
             first = next(iter(row))
-            # a replay of c03's step-1 send (identical row, its own insert): no duplicate
+            # a replay of c03's step-1 send (identical row, its own insert): no duplicate, even when the
+            # worker named the step for verification (as when a message's step changes): send_index
+            # holds one id for it
             insert(client, "recipients", [first], dedup_token="replay-c03", database=db)
+            check = repeat_send_row("a1", "c03", 0, 1, [], True)
+            insert(client, "repeat_sends", [check], dedup_token="check-c03", database=db)
             assert dups() == expected
-            # a second message for the same step, in a later insert: a duplicate before any merge
+            # a second message for the same step, in a later insert: a duplicate before any merge, with
+            # its ids from send_index (the key is marked for verification)...
             second = dict(first, message_id="m-a1-c03-r0-s1-again", recipient_id="r-again")
             insert(client, "recipients", [second], dedup_token="second-c03", database=db)
             both = sorted([first["message_id"], "m-a1-c03-r0-s1-again"])
             assert dups() == sorted(expected + [("c03", 0, 1, both)])
+            # ...and the worker's row for it (ids united with the verified ones) changes nothing
+            named = repeat_send_row("a1", "c03", 0, 1, both, False)
+            insert(client, "repeat_sends", [named], dedup_token="second-c03", database=db)
+            assert dups() == sorted(expected + [("c03", 0, 1, both)])
             page = api.get(f"{A1}/health", {"limit": "1", "offset": "1"})
             assert page["duplicate_sends_total"] == 2 and len(page["duplicate_sends"]) == 1
-            client.command(f"OPTIMIZE TABLE {db}.send_index FINAL")
-            client.command(f"OPTIMIZE TABLE {db}.recipients FINAL")
+            for table in ("send_index", "recipients", "repeat_sends"):
+                client.command(f"OPTIMIZE TABLE {db}.{table} FINAL")
             assert dups() == sorted(expected + [("c03", 0, 1, both)])
             # a later single send elsewhere: a new small part next to the merged one changes nothing
             other = dict(first, contact_id="c09", step_index=2, message_id="m-a1-c09-r0-s2-0", recipient_id="r-c09")

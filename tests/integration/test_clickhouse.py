@@ -195,6 +195,7 @@ def test_every_table_accepts_a_row(env):
                            None, None, None, 0, 1),
         "status_changes": ("ch1", "message_status", "a1", "c1", 0, 0, "m1", "delivered", "opened", None, "e1",
                            "message.opened", T0 + 2),
+        "repeat_sends": ("a1", "c1", 0, 0, ["m1", "m2"], 0),
         "static_lists": ("l1", "done at 0", "a1", 0, "done", None, 1, T0),
         "static_list_members": ("l1", "c1", "Ann", "ann@example.com"),
         "mailing_counters": mailing_counter_row(("a1:0", "email", "a1", 0), 0, [3, 2, 1, 1, 0, 0, 0, 0, 0], 1),
@@ -261,18 +262,23 @@ def _state(client, db: str) -> dict:
     }
 
 
+def _migrations_before(tmp_path, number: str):
+    """A folder with the migrations numbered below ``number``."""
+    folder = tmp_path / f"before_{number}"
+    folder.mkdir()
+    for path in migrations_dir().iterdir():
+        if path.name < number and path.suffix in (".sql", ".py"):
+            shutil.copy(path, folder / path.name)
+    return folder
+
+
 # command 1 of a migrate() run creates schema_migrations; 010 issues 11; the last one records it
 @pytest.mark.parametrize("crash_at", [None, *range(2, 14)])
 def test_migration_010_rebuilds_messages_and_survives_an_interruption_anywhere(env, tmp_path, crash_at):
     """Data written before 010 stays; the views on messages keep feeding their tables afterwards; a run
     interrupted at any of its commands is completed by the next run."""
     client, db = env["client"], "sendtrail_m010"
-    before, folder = tmp_path / "before", tmp_path / "all"
-    shutil.copytree(migrations_dir(), folder)
-    before.mkdir()
-    for path in folder.iterdir():
-        if path.name < "010":
-            shutil.copy(path, before / path.name)
+    before, folder = _migrations_before(tmp_path, "010"), _migrations_before(tmp_path, "011")
     client.command(f"DROP DATABASE IF EXISTS {db}")
     try:
         migrate(client, db, directory=before)
@@ -295,6 +301,46 @@ def test_migration_010_rebuilds_messages_and_survives_an_interruption_anywhere(e
         assert sort_rows == [("email", "c1000@example.com"), ("name", "Name 30")]
         info = client.query(f"SELECT count() FROM `{db}`.mailing_info WHERE mailing_id = 'a1:1'").result_rows
         assert info[0][0] >= 1
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {db}")
+        client.database = "sendtrail"
+
+
+def _recipient_rows(sends: list[tuple[str, int, str]]) -> list[dict]:
+    return [{
+        "recipient_id": f"r-{mid}", "automation_id": "a1", "run": 0, "contact_id": cid, "user_id": "u",
+        "user_name": "N", "email": f"{cid}@example.com", "step_index": step, "step_details": "{}",
+        "message_id": mid, "channel": "email", "mailing_id": f"a1:{step}", "sent_time": T0, "metadata": "{}",
+        "_partition": 0, "_offset": i, "_version": 1,
+    } for i, (cid, step, mid) in enumerate(sends)]
+
+
+# 011 issues 3 commands after the one that creates schema_migrations; the last one records it
+@pytest.mark.parametrize("crash_at", [None, 2, 3, 4, 5])
+def test_migration_011_names_the_steps_already_sent_twice(env, tmp_path, crash_at):
+    """repeat_sends starts with every (automation, contact, run, step) that send_index holds two message
+    ids for, whether the two sends are in one part or two; a replayed send is no duplicate; an
+    interrupted run is completed by the next one."""
+    client, db = env["client"], "sendtrail_m011"
+    before = _migrations_before(tmp_path, "011")
+    client.command(f"DROP DATABASE IF EXISTS {db}")
+    try:
+        migrate(client, db, directory=before)
+        first = _recipient_rows([("c1", 0, "m1"), ("c1", 1, "m2"), ("c2", 0, "m3"), ("c3", 2, "m4"), ("c3", 2, "m5")])
+        insert(client, "recipients", first, dedup_token="m011-a", database=db)
+        later = _recipient_rows([("c1", 1, "m6"), ("c2", 0, "m3")])  # c1 step 1 again; c2's send replayed
+        insert(client, "recipients", later, dedup_token="m011-b", database=db)
+        if crash_at is not None:
+            with pytest.raises((MigrationError, RuntimeError), match="interrupted"):
+                migrate(_CrashAt(client, crash_at), db)
+        assert migrate(client, db) == ["011_repeat_sends.sql"]
+        rows = client.query(f"SELECT automation_id, contact_id, run, step_index, "
+                            f"arraySort(groupUniqArrayArray(message_ids)), max(verify) FROM `{db}`.repeat_sends "
+                            "GROUP BY ALL ORDER BY ALL").result_rows
+        assert rows == [("a1", "c1", 0, 1, ["m2", "m6"], 0), ("a1", "c3", 0, 2, ["m4", "m5"], 0)]
+        indexes = client.query("SELECT name FROM system.data_skipping_indices WHERE database = {db:String} "
+                               "AND table = 'send_index'", parameters={"db": db}).result_rows
+        assert indexes == []
     finally:
         client.command(f"DROP DATABASE IF EXISTS {db}")
         client.database = "sendtrail"

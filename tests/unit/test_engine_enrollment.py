@@ -494,6 +494,27 @@ def test_duplicate_sends_recorded_node_done_once():
     assert E.view(s, ONCE)[0]["nodes"][0]["at"] == T0 + MIN
 
 
+def test_a_step_sent_twice_in_a_run_is_named_a_repeat():
+    s, _, _ = run_seq([enrolled()])
+    first = ev("step.sent", 1, step_index=0, message_id="mA")
+    r = E.apply(s, first, ONCE)
+    assert r.repeats == ()
+    r = E.apply(r.state, dict(first, event_id="again"), ONCE)  # the same message reported again
+    assert r.repeats == ()
+    r = E.apply(r.state, ev("step.sent", 2, step_index=1, message_id="mB"), ONCE)  # another step
+    assert r.repeats == ()
+    r = E.apply(r.state, ev("step.sent", 3, step_index=0, message_id="mC"), ONCE)  # step 0 again
+    assert r.repeats == [(0, 0, ["mA", "mC"], False)]
+    r = E.apply(r.state, ev("step.sent", 4, step_index=0, message_id="mD"), ONCE)  # and a third time
+    assert r.repeats == [(0, 0, ["mA", "mC", "mD"], False)]
+    # an earlier report of mB says step 2: mB's step changes; both steps are named for verification
+    # (the recipients keep mB at step 1, its first row; a message registered at 2 would see mB there)
+    r = E.apply(r.state, ev("step.sent", 0, step_index=2, message_id="mB"), ONCE)
+    assert r.repeats == [(0, 1, (), True), (0, 2, (), True)] and r.state["runs"][0]["sends"]["mB"] == 2
+    r = E.apply(r.state, ev("step.sent", 5, step_index=2, message_id="mE"), ONCE)
+    assert r.repeats == [(0, 2, ["mB", "mE"], False)] and len(r.registrations) == 1
+
+
 def test_registration_fields():
     s, _, regs = run_seq([enrolled(), ev("step.sent", 1, eid="sx", step_index=1, message_id="mZ", subject="S",
                                          sending_user="u9", sending_email="me@x.io", channel="email")])

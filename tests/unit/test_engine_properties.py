@@ -102,7 +102,7 @@ def test_replaying_any_event_or_suffix_changes_nothing(events, automation, data)
     i = data.draw(st.integers(0, len(events) - 1))
     for e in events[i:]:
         r = E.apply(state, dict(e), automation)
-        assert not r.changed and r.changes == [] and r.registrations == []
+        assert not r.changed and r.changes == [] and r.registrations == [] and not r.repeats
         state = r.state
     assert dumps(state) == snap
     one = data.draw(st.sampled_from(events))
@@ -128,6 +128,37 @@ def test_emitted_changes_fold_to_the_view(events, automation):
         assert status.get(v["run"]) == v["status"]
         assert {k[1]: s for k, s in node_state.items() if k[0] == v["run"] and s is not None} == {
             n["step_index"]: n["state"] for n in v["nodes"]}
+
+
+@PROPS
+@given(events=contact_stream(kinds=["sent", "sent", "sent", "enrolled", "finished"], max_size=12, one_enrollment=True),
+       automation=st.sampled_from([ONCE, UNLIMITED]), data=st.data())
+def test_every_step_registered_twice_is_named_a_repeat(events, automation, data):
+    """Health lists duplicate sends from ``Result.repeats``: in any order, with replays, each (run, step)
+    that got two messages registered (two recipient rows) is named; a step never named with ``verify``
+    is named with exactly the messages registered at it."""
+    order = data.draw(st.permutations(events + data.draw(st.lists(st.sampled_from(events), max_size=6))))
+    state, registered, named, verify = None, {}, {}, set()
+    for e in order:
+        r = E.apply(state, dict(e), automation)
+        state = r.state
+        for reg in r.registrations:
+            registered.setdefault((reg["run"], reg["step_index"]), set()).add(reg["message_id"])
+        for run, step, ids, check in r.repeats:
+            named.setdefault((run, step), set()).update(ids)
+            if check:
+                verify.add((run, step))
+    twice = {key for key, mids in registered.items() if len(mids) > 1}
+    assert twice <= set(named)
+    for key, ids in named.items():
+        if key not in verify:
+            assert ids == registered[key] and len(ids) > 1
+    steps_of = {}
+    for e in events:
+        if e["type"] == "step.sent":
+            steps_of.setdefault(e["message_id"], set()).add(e["step_index"])
+    if all(len(steps) == 1 for steps in steps_of.values()):  # no message changes its step
+        assert set(named) == twice and not verify
 
 
 # --------------------------------------------------------------------------- permutations

@@ -75,6 +75,29 @@ def test_a_replayed_event_produces_nothing():
     assert not again.state_changed and not again.output.rows and not again.output.changes
 
 
+def test_a_step_sent_twice_writes_a_repeat_row_once():
+    r = steps.contact_step(None, None, enrolled(), AUTOMATION, 0, 1)
+    r = steps.contact_step(r.state, r.parked, sent(0, "m0", "2026-01-01T01:00:00Z"), AUTOMATION, 0, 2)
+    assert "repeat_sends" not in r.output.rows
+    again = sent(0, "m0b", "2026-01-01T02:00:00Z")
+    r = steps.contact_step(r.state, r.parked, again, AUTOMATION, 0, 3)
+    assert r.output.rows["repeat_sends"] == [{"automation_id": "a1", "contact_id": "c1", "run": 0, "step_index": 0,
+                                              "message_ids": ["m0", "m0b"], "verify": 0}]
+    assert [row["message_id"] for row in r.output.rows["recipients"]] == ["m0b"]
+    replay = steps.contact_step(r.state, r.parked, again, AUTOMATION, 0, 3)
+    assert not replay.output.rows
+    # step 1 is sent; then an earlier report of m0b says step 1: no status or node changes, but steps 0
+    # and 1 are named for verification (m0b's step moved from 0 to 1)
+    r = steps.contact_step(r.state, r.parked, sent(1, "m1", "2026-01-02T01:00:00Z"), AUTOMATION, 0, 4)
+    earlier = parsed("step.sent", event_id="sent-m0b-early", step_index=1, message_id="m0b",
+                     occurred_at="2026-01-01T00:30:00Z", mailing_id=None)
+    r = steps.contact_step(r.state, r.parked, earlier, AUTOMATION, 0, 5)
+    assert r.state_changed and not r.output.changes
+    assert r.output.rows == {"repeat_sends": [
+        {"automation_id": "a1", "contact_id": "c1", "run": 0, "step_index": k, "message_ids": [], "verify": 1}
+        for k in (0, 1)]}
+
+
 def test_archive_known_from_the_automation_ends_open_runs_and_stops_their_node():
     r = steps.contact_step(None, None, enrolled(), AUTOMATION, 0, 1)
     archived = dict(AUTOMATION, archived_at=T0 + 86_400_000)
