@@ -107,21 +107,22 @@ def load(client, rows: int) -> dict:
         f"INSERT INTO {DB}.automations SELECT concat('a', toString(number)), concat('Automation ', toString(number)), "
         f"NULL, 'unlimited', {base}, NULL, 'bench', 1, {{steps:String}}, 'active', {base}, 1 FROM numbers(10)",
         parameters={"steps": steps})
-    # recipients: n -> contact k = n / 4, step = n % 4; contacts k % 1000 = 7 got step 1 twice (a second
-    # message, "<id>b"), which the worker names in repeat_sends (health's duplicate sends)
-    def recipients(source: str, suffix: str) -> None:
+    # recipients: n -> contact k = n / 4, step = n % 4; contacts k % 1000 = 7 got step 1 twice: a second
+    # message ("<id>b"), sent after every other send of the load (as a repeat is sent later and lands in
+    # a recent part), which the worker lists in repeat_sends (health's duplicate sends)
+    def recipients(source: str, suffix: str, sent: str = "k * 2 + step * 259200") -> None:
         client.command(
             f"INSERT INTO {DB}.recipients SELECT concat('r', toString(n), '{suffix}') AS recipient_id, "
             f"{auto} AS automation_id, 0, concat('c', toString(k)), concat('u', toString(k)), "
             "concat('User ', toString(cityHash64(k) % 1000000)), concat('c', toString(k), '@example.com'), step, "
             "concat('{\"day\":', toString(step * 3), ',\"inactive_days\":0}'), "
             f"concat('m', toString(n), '{suffix}'), 'email', concat(automation_id, ':', toString(step)), "
-            f"{base} + toIntervalSecond(k * 2 + step * 259200), '{{\"campaign\":\"bench\"}}', 0, n, 1 "
+            f"{base} + toIntervalSecond({sent}), '{{\"campaign\":\"bench\"}}', 0, n, 1 "
             f"FROM ({source})", settings={"max_insert_threads": 2})
 
     recipients(f"SELECT number AS n, intDiv(number, 4) AS k, number % 4 AS step FROM numbers({rows})", "")
     twice = f"SELECT number * 4 + 1 AS n, number AS k, 1 AS step FROM numbers({contacts}) WHERE number % 1000 = 7"
-    recipients(twice, "b")
+    recipients(twice, "b", f"{contacts * 2 + 4 * 259200} + k")
     client.command(f"INSERT INTO {DB}.repeat_sends SELECT {auto}, concat('c', toString(k)), 0, step, "
                    f"[concat('m', toString(n)), concat('m', toString(n), 'b')], 0 FROM ({twice})")
     t_rec = time.perf_counter() - t

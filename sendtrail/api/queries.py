@@ -541,9 +541,10 @@ class Queries:
             status_rows = await self.deps.query(
                 f"SELECT status, count(), countIf(run = 0), sum(ignored_enrollments) FROM {self.t('enrollments')} "
                 "FINAL WHERE automation_id = {a:String} GROUP BY status ORDER BY status" + FINAL_SETTINGS, p)
-        # recipient rows never change; a message id identifies the row within its automation
+        # recipient rows never change; the sorting key after the automation, (sent_time, message_id), makes
+        # the keys of recent parts one range of the primary key (a message id alone is spread over it)
         recipients = await self._latest_count(
-            table="recipients", keys=("message_id",), key_types=("String",),
+            table="recipients", keys=("sent_time", "message_id"), key_types=(TIME, "String"),
             fixed=Where().add("automation_id = {a:String}", a=automation_id), changing=Where(),
             final_sql=f"SELECT count() FROM {self.t('recipients')} FINAL WHERE automation_id = {{a:String}}"
             + FINAL_SETTINGS, final_params=p)

@@ -906,8 +906,20 @@ def test_pages_and_totals_over_a_merged_part_and_newer_rows(env, fallback):
             assert {m["mailing_id"]: (m["total_sent"], m["delivered"], m["opened"], m["clicked"], m["dropped"])
                     for m in got["items"]} == {k: v for k, v in want.items()
                                                if automation_id is None or k.startswith(automation_id)}
-        assert run(q.automation_detail("a1"))["totals"]["recipients"] == final(
-            f"SELECT count() FROM {db}.recipients FINAL WHERE automation_id = 'a1'")[0][0]
+        # after the merge: a replayed recipient row and a new one (a time with milliseconds, replayed as well)
+        # in later parts
+        replayed, other = client.query(f"SELECT * FROM {db}.recipients FINAL WHERE automation_id = 'a1' "
+                                       "ORDER BY message_id LIMIT 2").named_results()
+        new = dict(other, message_id="m-late", recipient_id="r-late",
+                   sent_time=other["sent_time"] + dt.timedelta(milliseconds=123))
+        insert(client, "recipients", [replayed, new], dedup_token=f"late-{db}", database=db)
+        insert(client, "recipients", [new], dedup_token=f"late-again-{db}", database=db)  # replayed too
+        outside = run(q._outside_largest("recipients", ("sent_time", "message_id"),
+                                         Where().add("automation_id = {a:String}", a="a1")))
+        assert outside is None if fallback else sorted(k[1] for k in outside[1]) == sorted(
+            [replayed["message_id"], "m-late"])
+        expected = final(f"SELECT count() FROM {db}.recipients FINAL WHERE automation_id = 'a1'")[0][0]
+        assert run(q.automation_detail("a1"))["totals"]["recipients"] == expected == F.EXPECTED["a1_recipients"] + 1
         loop.close()
     finally:
         client.close()
