@@ -109,6 +109,18 @@ class WorkerProcess:
                 self.proc.wait(timeout=30)
         self.proc = None
 
+    def notable(self, n: int = 80) -> str:
+        """The worker log's starts, assignments, recoveries, warnings, errors and recounts (for a failure
+        message), without the client's coordinator retries."""
+        marks = ("=====", "WARNING", "ERROR", "recount", "Traceback", "assigned", "recovered")
+        noise = ("GroupCoordinatorNotAvailable", "Marking the coordinator dead", "NotLeaderForPartition")
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join([ln for ln in lines if any(m in ln for m in marks)
+                          and not any(x in ln for x in noise)][-n:])
+
     def tail(self, n: int = 60) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

@@ -34,7 +34,8 @@ def _produce(worker: WorkerProcess, events) -> None:
 def _assert_exact(worker: WorkerProcess, oracle: dict) -> dict:
     state = read_end_state(worker.tmp / "clickhouse")
     diffs = compare_with_oracle(state, oracle)
-    assert not diffs, f"{len(diffs)} differences from the oracle, first ones:\n" + "\n".join(diffs[:25])
+    assert not diffs, (f"{len(diffs)} differences from the oracle, first ones:\n" + "\n".join(diffs[:25])
+                       + f"\nworker log (starts, warnings, errors, recounts):\n{worker.notable()}")
     return state
 
 
