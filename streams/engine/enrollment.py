@@ -71,7 +71,7 @@ class Result:
     # Steps of a run sent more than once, as (run, step_index, message_ids, verify): a message registered
     # while other messages of the run have its step gives its id and theirs (verify False); a message
     # whose step changes (an earlier report of it said another step) gives its old and new step with
-    # verify True and no ids: the ids registered at those steps are then read from the recipients.
+    # verify True and no ids: the ids registered at those steps are then read from send_index.
     # Every step that got two messages registered in a run is named, and for a step never named with
     # verify the union of the ids named is exactly the messages registered at it.
     repeats: list | tuple = ()
