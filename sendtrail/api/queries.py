@@ -317,15 +317,23 @@ class Queries:
             return None
         if len(before) == 1:
             return before, []  # the merged part is the only one
-        largest = _largest_merged(before)
-        glue = "AND" if fixed.parts else "PREWHERE"
-        other = await self.deps.query(
-            f"SELECT DISTINCT {', '.join(keys)} FROM {self.t(table)} {fixed.sql('PREWHERE')} {glue} "
-            "_part != {_largest:String} LIMIT {_max:UInt64}",
-            {**fixed.params, "_largest": largest, "_max": self.LATEST_COUNT_MAX_KEYS + 1})
+        sql, params = self._outside_keys(table, keys, fixed, before)
+        other = await self.deps.query(f"SELECT DISTINCT * FROM ({sql}) LIMIT {{_max:UInt64}}",
+                                      {**params, "_max": self.LATEST_COUNT_MAX_KEYS + 1})
         if len(other) > self.LATEST_COUNT_MAX_KEYS:
             return None
         return before, [tuple(r) for r in other]
+
+    def _outside_keys(self, table: str, keys: Sequence[str], fixed: Where, parts: Sequence[tuple[str, int, int]]
+                      ) -> tuple[str, dict]:
+        """The SELECT (and its parameters) of the keys of ``table`` matching ``fixed`` in the parts other than
+        the largest merged one of ``parts``, the keys ``K`` of ``_outside_largest``. The corrections read
+        ``K`` through it as a subquery: ClickHouse builds that set from the recent parts in a few ms, where
+        a parameter of thousands of keys takes tens of ms to parse (recipients, 1,250 keys: 18 against
+        63 ms); the callers check that the set of parts did not change."""
+        glue = "AND" if fixed.parts else "PREWHERE"
+        return (f"SELECT {', '.join(keys)} FROM {self.t(table)} {fixed.sql('PREWHERE')} {glue} "
+                "_part != {_largest:String}", {**fixed.params, "_largest": _largest_merged(parts)})
 
     async def _latest_count(self, *, table: str, keys: Sequence[str], fixed: Where,
                             changing: Where, final_sql: str, final_params: Mapping[str, Any]) -> int:
@@ -351,15 +359,12 @@ class Queries:
                 return total
             return int(await self._scalar(final_sql, final_params) or 0)
         total = int(await self._scalar(f"SELECT count() FROM {t} {both.sql()}", both.params) or 0)
-        if other:
-            # K again, as a subquery: ClickHouse builds the set from the recent parts in a few ms, where a
-            # parameter of thousands of keys takes tens of ms to parse (recipients, 1,250 keys: 18 against
-            # 63 ms); the set of parts is checked below
+        if other:  # K as a subquery (_outside_keys); the set of parts is checked below
             key_sql = f"({', '.join(keys)})" if len(keys) > 1 else keys[0]
-            params = {**both.params, "_largest": _largest_merged(before)}
+            outside, params = self._outside_keys(table, keys, fixed, before)
+            params.update(both.params)
             glue = "AND" if fixed.parts else "PREWHERE"
-            in_k = (f"{fixed.sql('PREWHERE')} {glue} {key_sql} IN (SELECT {', '.join(keys)} FROM {t} "
-                    f"{fixed.sql('PREWHERE')} {glue} _part != {{_largest:String}}) {changing.sql()}")
+            in_k = f"{fixed.sql('PREWHERE')} {glue} {key_sql} IN ({outside}) {changing.sql()}"
             rows = await self.deps.query(
                 f"SELECT (SELECT count() FROM {t} {in_k}), (SELECT count() FROM {t} FINAL {in_k}"
                 f"{FINAL_SETTINGS})", params)
@@ -1049,9 +1054,10 @@ class Queries:
         else:
             branches = [f"SELECT mailing_id AS _mailing, {signed.format(sign=1)} FROM {t} {cw.sql('PREWHERE')} "
                         "GROUP BY mailing_id"]
-        if other:
-            params["_keys"] = [tuple(k) for k in other]
-            in_k = f"{cw.sql('PREWHERE')} {glue} (mailing_id, message_id) IN {{_keys:Array(Tuple(String, String))}}"
+        if other:  # K as a subquery (_outside_keys); the set of parts is checked below
+            outside, outside_params = self._outside_keys("messages", ("mailing_id", "message_id"), cw, before)
+            params.update(outside_params)
+            in_k = f"{cw.sql('PREWHERE')} {glue} (mailing_id, message_id) IN ({outside})"
             branches.append(f"SELECT mailing_id AS _mailing, {signed.format(sign=-1)} FROM {t} {in_k} "
                             "GROUP BY mailing_id")
             branches.append(f"SELECT mailing_id AS _mailing, {signed.format(sign=1)} FROM {t} FINAL {in_k} "
