@@ -15,6 +15,7 @@ from agents.runtime import Runtime
 from agents.sink import BatchWriter
 from schemas.topics import TOPICS, topic_names
 from sendtrail.clickhouse import connect
+from sendtrail.maintenance import clean_waits
 from sendtrail.metrics import Metrics
 from sendtrail.migrate import migrate
 from sendtrail.settings import Settings
@@ -225,7 +226,7 @@ class Worker:
         self.runner = await serve(self.web_app, settings.web_host, settings.web_port)
         log.info("HTTP API on http://%s:%d (not ready until Kafka and ClickHouse are)", settings.web_host,
                  settings.web_port)
-        gauges = None
+        gauges = cleanup = None
         try:
             boot = asyncio.ensure_future(bootstrap(settings, self.boot))
             waiter = asyncio.ensure_future(stop.wait())
@@ -242,6 +243,7 @@ class Worker:
             self.running = True
             self.metrics.set_up(True)
             gauges = asyncio.ensure_future(self._gauges())
+            cleanup = asyncio.ensure_future(_clean_waits_forever(settings))
             watcher = asyncio.ensure_future(stop.wait())
             watcher.add_done_callback(lambda _: self.runtime.stop())
             try:
@@ -251,15 +253,37 @@ class Worker:
         finally:
             self.metrics.set_up(False)
             self.running = False
-            if gauges is not None:
-                gauges.cancel()
-                await asyncio.gather(gauges, return_exceptions=True)
+            for task in (gauges, cleanup):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await self.runtime.close()
             await self.publisher.stop()
             await self.sink.close()
             if self.runner is not None:
                 await self.runner.cleanup()
             self.api_client.close()
+
+
+async def _clean_waits_forever(settings: Settings) -> None:
+    """Every ``waits_cleanup_seconds``: remove the closed waits of node_waits (a failure is logged and
+    tried again next time; the waits stay exact, only health reads more rows meanwhile)."""
+    while True:
+        await asyncio.sleep(settings.waits_cleanup_seconds)
+        try:
+            await asyncio.to_thread(_clean_waits_once, settings)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("could not clean node_waits (next try in %.0fs)", settings.waits_cleanup_seconds)
+
+
+def _clean_waits_once(settings: Settings) -> None:
+    client = connect(settings.clickhouse_url)
+    try:
+        clean_waits(client)
+    finally:
+        client.close()
 
 
 def _prepare_clickhouse(settings: Settings) -> list[str]:

@@ -58,7 +58,7 @@ from sendtrail.migrate import migrate  # noqa: E402
 DB = "bench"
 # merged by the "after OPTIMIZE FINAL" phase: the big tables and the derived ones (migrations 007, 008)
 OPTIMIZED_TABLES = ("recipients", "messages", "enrollments", "node_states", "status_changes", "mailing_info",
-                    "send_index", "mailing_sort")
+                    "send_index", "mailing_sort", "node_waits")
 COUNTER_PARTITIONS = 8
 TARGET_MS = 100.0
 TARGET_EXPORT_ROWS_S = 300_000
@@ -150,6 +150,10 @@ def load(client, rows: int) -> dict:
         "if(k % 5 = 0 AND step = 3, 'waiting', 'done'), "
         f"{base} + toIntervalSecond(k * 2 + step * 259200), 1 "
         f"FROM (SELECT intDiv(number, 4) AS k, number % 4 AS step FROM numbers({rows}))")
+    # the open waits the worker wrote for the waiting nodes (health's stuck contacts; the closed ones are
+    # removed by its periodic cleanup)
+    client.command(f"INSERT INTO {DB}.node_waits SELECT automation_id, at, contact_id, run, step_index, 0, _version "
+                   f"FROM {DB}.node_states WHERE state = 'waiting'")
     client.command(
         f"INSERT INTO {DB}.contacts SELECT concat('c', toString(number)), concat('u', toString(number)), "
         "concat('User ', toString(cityHash64(number) % 1000000)), concat('c', toString(number), '@example.com'), "
@@ -241,6 +245,12 @@ def live_writes(client, parts: int, keys_per_part: int, counters: bool = False) 
     for i in range(parts):
         lo, hi = i * keys_per_part, (i + 1) * keys_per_part
         contacts = f"(SELECT concat('c', toString(number)) FROM numbers({lo}, {hi - lo}))"
+        # the waits of these changes: a waiting node moving on closes its wait, a node starting to wait opens one
+        client.command(
+            f"INSERT INTO {DB}.node_waits SELECT automation_id, w.1, contact_id, run, step_index, w.2, _version + 1 "
+            f"FROM {DB}.node_states ARRAY JOIN arrayConcat(if(state = 'waiting', [(at, toUInt8(1))], []), "
+            "if(state != 'waiting' AND cityHash64(contact_id) % 5 = 1, [(at + toIntervalDay(1), toUInt8(0))], [])) AS w "
+            f"WHERE automation_id = 'a0' AND step_index = 3 AND contact_id IN {contacts}")
         client.command(
             f"INSERT INTO {DB}.node_states SELECT * REPLACE ("
             "if(state = 'waiting', 'done', if(cityHash64(contact_id) % 5 = 1, 'waiting', state)) AS state, "
@@ -324,6 +334,10 @@ def bench_queries(deps, runs: int, rows: int) -> dict:
             if name == "health":  # the load sent step 1 twice to a0's contacts k % 1000 = 7
                 expected = len(range(7, (load_contacts(rows) // 2), 1000))
                 assert first["duplicate_sends_total"] == expected, (first["duplicate_sends_total"], expected)
+                (stuck,), = await deps.query(
+                    f"SELECT count() FROM {DB}.node_states FINAL WHERE automation_id = 'a0' AND state = 'waiting' "
+                    "AND at < '2024-06-01'", {})
+                assert first["stuck_total"] == stuck, (first["stuck_total"], stuck)  # node_waits as node_states
             times = []
             for _ in range(runs):
                 t = time.perf_counter()

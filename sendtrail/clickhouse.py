@@ -117,6 +117,8 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     # steps that may have been sent twice (migration 011; rows from the engine's Result.repeats)
     "repeat_sends": ("automation_id", "contact_id", "run", "step_index", "message_ids", "verify"),
+    # waits of nodes, opened and closed (migration 012; rows from the engine's Result.waits)
+    "node_waits": ("automation_id", "since", "contact_id", "run", "step_index", "closed", "_version"),
     "static_lists": (
         "list_id", "name", "automation_id", "step_index", "state", "status", "count", "created_at",
     ),

@@ -117,6 +117,7 @@ SINK_TABLES: tuple[str, ...] = (
     "message_events",
     "status_changes",
     "repeat_sends",
+    "node_waits",
     "static_lists",
     "static_list_members",
     "mailing_counters",

@@ -81,6 +81,8 @@ class Settings:
     sink_retry_max_seconds: float = 30.0
     stuck_after_seconds: int = 7 * 24 * 3600
     resume_check_seconds: float = 30.0
+    #: How often the worker removes the closed waits of node_waits (sendtrail/maintenance.py).
+    waits_cleanup_seconds: float = 300.0
     log_level: str = "info"
     #: Chaos switch for game days and the outage test: while this file exists, every
     #: ClickHouse insert of the sink fails as if the server were down.
@@ -139,7 +141,8 @@ class Settings:
             elif name in ("batch_size", "sink_max_backlog_rows", "max_body_bytes", "max_event_bytes",
                           "webhook_max_age_seconds", "stuck_after_seconds"):
                 values[name] = _int(name.upper(), raw, 1, 10**12)
-            elif name in ("batch_seconds", "sink_retry_max_seconds", "resume_check_seconds"):
+            elif name in ("batch_seconds", "sink_retry_max_seconds", "resume_check_seconds",
+                          "waits_cleanup_seconds"):
                 values[name] = _float(name.upper(), raw, 0.001, 86_400.0)
             elif name == "migrate_on_start":
                 values[name] = _bool(name.upper(), raw)

@@ -88,6 +88,29 @@ def repeat_send_row(automation_id: str, contact_id: str, run: int, step_index: i
             "message_ids": list(message_ids), "verify": 1 if verify else 0}
 
 
+def wait_row(automation_id: str, contact_id: str, run: int, step_index: int, since: int | None, closed: bool,
+             version: int) -> dict:
+    """A wait of one node of one run (the engine's ``Result.waits``) for ``node_waits`` (migration 012),
+    keyed by its start ``since``: open, or closed (the same key at a later version, which removes it).
+
+    ``since`` None (a close whose start is unknown) gives the node's reset row instead (``since`` 0): it
+    removes every wait of the node at a lower version, as :func:`wait_reset_row`.
+    """
+    if since is None:
+        return wait_reset_row(automation_id, contact_id, run, step_index, version)
+    return {"automation_id": automation_id, "since": since, "contact_id": contact_id, "run": run,
+            "step_index": step_index, "closed": 1 if closed else 0, "_version": version}
+
+
+def wait_reset_row(automation_id: str, contact_id: str, run: int, step_index: int, version: int) -> dict:
+    """The ``node_waits`` row (``since`` 0) that removes the node's waits of lower versions: written when
+    the waits the node had are not known (a close of a wait opened before the engine kept its start,
+    and every node of a key re-emitted after a crash, whose attempt may have opened waits that the
+    replay does not close); the snapshot opens the node's current wait again at ``version``."""
+    return {"automation_id": automation_id, "since": 0, "contact_id": contact_id, "run": run,
+            "step_index": step_index, "closed": 0, "_version": version}
+
+
 def enrollment_row(view: dict, updated_at: int) -> dict:
     return {
         "automation_id": view["automation_id"],

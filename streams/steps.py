@@ -80,6 +80,10 @@ def _emit(res, event: dict, automation: dict | None, out: Output, partition: int
         aid, cid = res.state["automation_id"], res.state["contact_id"]
         out.add_rows("repeat_sends", [rows.repeat_send_row(aid, cid, run, step, ids, verify)
                                       for run, step, ids, verify in res.repeats])
+    if res.waits:
+        aid, cid, version = res.state["automation_id"], res.state["contact_id"], res.state.get("version", 0)
+        out.add_rows("node_waits", [rows.wait_row(aid, cid, run, step, since, closed, version)
+                                    for run, step, since, closed in res.waits])
     runs = {c["run"] for c in changes}
     if event["type"] == "contact.enrolled" or res.registrations:
         runs.update(range(len(res.state.get("runs") or ())))
@@ -216,18 +220,28 @@ def contact_snapshot(state: dict, automation: dict | None, span: int = 0) -> Out
     version = state["version"]
     n_steps = max(node_span(automation), span)
     node_rows = []
+    wait_rows = []
     for v in views:
         at = v.get("status_at") or v.get("enrolled_at") or 0
         out.add_rows("enrollments", [rows.enrollment_row(v, at)])
         known = {n["step_index"]: n for n in v["nodes"]}
+        aid, cid, rn = v["automation_id"], v["contact_id"], v["run"]
         for index in range(max(n_steps, max(known, default=-1) + 1)):
             node = known.get(index)
-            node_rows.append(rows.node_change_row({
-                "automation_id": v["automation_id"], "contact_id": v["contact_id"], "run": v["run"],
-                "step_index": index, "to": node["state"] if node else None,
+            row = rows.node_change_row({
+                "automation_id": aid, "contact_id": cid, "run": rn, "step_index": index,
+                "to": node["state"] if node else None,
                 "occurred_at": (node["at"] if node and node["at"] is not None else at),
-            }, version))
+            }, version)
+            node_rows.append(row)
+            # the attempt that crashed may have opened waits the replay does not close: reset the node's
+            # waits, then open its current one again (where the next close will find it)
+            wait_rows.append(rows.wait_reset_row(aid, cid, rn, index, version))
+            if row["state"] == "waiting":
+                wait_rows.append(rows.wait_row(aid, cid, rn, index, row["at"], False, version))
+                state["runs"][rn]["dw"] = [index, row["at"]]
     out.add_rows("node_states", node_rows)
+    out.add_rows("node_waits", wait_rows)
     return out
 
 

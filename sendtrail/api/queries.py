@@ -73,6 +73,8 @@ TIME = "DateTime64(3, 'UTC')"
 # single part when a skip index has split them (measured: a step-filtered
 # recipients count over 5M rows, 250 ms -> 20 ms).
 FINAL_SETTINGS = " SETTINGS do_not_merge_across_partitions_select_final = 1"
+# node_waits without a reset row joins reset 0 (not NULL): every version passes
+WAITS_SETTINGS = " SETTINGS join_use_nulls = 0"
 
 # ---------------------------------------------------------------- allowlists
 # request value -> SQL expression (trusted text)
@@ -859,34 +861,14 @@ class Queries:
     async def health(self, automation_id: str, *, cutoff: _dt.datetime, page: Page) -> dict:
         await self.require_automation(automation_id)
         p = {"a": automation_id, "cutoff": sql_time(cutoff), "limit": page.limit, "offset": page.offset}
-        # node_states.idx_state (migration 007) narrows FINAL to the granules that hold waiting rows
-        stuck_where = ("WHERE automation_id = {a:String} AND state = 'waiting' "
-                       f"AND at < {{cutoff:{TIME}}}")
-        fixed = Where().add("automation_id = {a:String}", a=automation_id)
-        changing = Where().add("state = 'waiting'").add(f"at < {{cutoff:{TIME}}}", cutoff=p["cutoff"])
-        keys, key_types = ("step_index", "contact_id", "run"), ("UInt32", "String", "UInt32")
-        count_final = f"SELECT count() FROM {self.t('node_states')} FINAL {stuck_where}" + FINAL_SETTINGS
-        # the FINAL page (candidates that fell short) and the page of one merged part count their rows
-        # in the same read
-        cols, rows = await self._latest_page(
-            table="node_states", keys=keys, key_types=key_types,
-            columns="contact_id, run, step_index, at AS waiting_since", fixed=fixed, changing=changing,
-            sort=("at", "contact_id", "run", "step_index"), page=Page(page.limit, page.offset, "at", "ASC"),
-            final_sql=("SELECT contact_id, run, step_index, at AS waiting_since, count() OVER () AS _total "
-                       f"FROM {self.t('node_states')} FINAL {stuck_where} "
-                       "ORDER BY waiting_since, contact_id, run, step_index LIMIT {limit:UInt64} OFFSET {offset:UInt64}"
-                       + FINAL_SETTINGS),
-            final_params=p, window_total=True)
-        stuck_total = None
-        if cols and cols[-1] == "_total":
-            stuck_total = await self._window_total(cols, rows, count_final, p, page.offset)
-            cols, rows = cols[:-1], [r[:-1] for r in rows]
-        if stuck_total is None:
-            stuck_total = self._known_total(page, len(rows))
-        if stuck_total is None:
-            stuck_total = await self._latest_count(
-                table="node_states", keys=keys, fixed=fixed, changing=changing,
-                final_sql=count_final, final_params=p)
+        waits = self._open_waits()
+        cols, rows = await self._rows(
+            f"SELECT contact_id, run, step_index, since AS waiting_since, count() OVER () AS _total FROM ({waits}) "
+            "ORDER BY waiting_since, contact_id, run, step_index LIMIT {limit:UInt64} OFFSET {offset:UInt64}"
+            + WAITS_SETTINGS, p)
+        stuck_total = await self._window_total(cols, rows, f"SELECT count() FROM ({waits}){WAITS_SETTINGS}", p,
+                                               page.offset)
+        cols, rows = cols[:-1], [r[:-1] for r in rows]
         dcols, drows, dup_total = await self._duplicate_sends(automation_id, page)
         return {
             "stuck": shape(cols, rows),
@@ -895,6 +877,20 @@ class Queries:
             "duplicate_sends": shape(dcols, drows),
             "duplicate_sends_total": dup_total,
         }
+
+    def _open_waits(self) -> str:
+        """The SELECT of the nodes of automation ``{a}`` waiting since before ``{cutoff}``: the open waits of
+        ``node_waits`` (migration 012; FINAL drops the closed ones) that no reset row of their node (``since``
+        0, a higher version) removes. In the order of its key, so a page reads the oldest waits first; the
+        table holds the open waits and the waits closed since its last cleanup, not every node state."""
+        t = self.t("node_waits")
+        return ("SELECT w.contact_id AS contact_id, w.run AS run, w.step_index AS step_index, w.since AS since "
+                f"FROM (SELECT contact_id, run, step_index, since, _version FROM {t} FINAL "
+                "PREWHERE automation_id = {a:String} "
+                f"WHERE since > toDateTime64(0, 3, 'UTC') AND since < {{cutoff:{TIME}}}) AS w "
+                f"LEFT ANY JOIN (SELECT contact_id, run, step_index, _version AS reset FROM {t} FINAL "
+                "PREWHERE automation_id = {a:String} WHERE since = toDateTime64(0, 3, 'UTC')) AS r "
+                "USING (contact_id, run, step_index) WHERE w._version >= r.reset")
 
     async def _duplicate_sends(self, automation_id: str, page: Page) -> tuple[list[str], list[tuple], int]:
         """Steps sent more than once to the same run: (contact_id, run, step_index, message_ids) rows.

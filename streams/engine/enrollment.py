@@ -32,7 +32,9 @@ State layout (plain JSON-serializable dicts and lists; int keys stored as str)::
            "settled": {message_id: ms},                           # per id earliest
            "archived_at": ms (absent until the automation's archive reached this key; earliest),
            "ds": None | status, "dr": None | reason,              # derivation last emitted
-           "dn": None | {"k": node_state}}                        # (dn None: nothing emitted yet)
+           "dn": None | {"k": node_state},                        # (dn None: nothing emitted yet)
+           "dw": None | [step_index, since]}                      # the emitted open wait (absent
+                                                                  # until the run's first wait)
 
 Layout choices are about cost: every live state is walked by Python's cycle collector and every
 stored one is (de)serialized per event, so empty lists are not stored, and sends and the last
@@ -75,6 +77,10 @@ class Result:
     # Every step that got two messages registered in a run is named, and for a step never named with
     # verify the union of the ids named is exactly the messages registered at it.
     repeats: list | tuple = ()
+    # Waits that opened or closed, as (run, step_index, since, closed): a node that starts waiting opens
+    # one (since: the change's time, the ``at`` of its node_states row); a node that stops waiting
+    # closes the one it opened (since None when unknown: a state emitted before the engine kept it).
+    waits: list | tuple = ()
 
 
 def key_of(event: dict) -> str:
@@ -356,8 +362,10 @@ def _nodes(run, steps, status) -> dict:
     return nodes
 
 
-def _refresh(state, run, steps, now, eid, etype, at, out) -> bool:
+def _refresh(state, run, steps, now, eid, etype, at, out, waits) -> bool:
     """Re-derive a run; append the changes against the last emitted derivation. True if it differs.
+
+    The waits the node changes open and close (``Result.waits``, see _waits) go to ``waits``.
 
     Same derivation as _status and _nodes (inlined, _open_status and _hold_active included: this
     runs for most events).
@@ -437,9 +445,14 @@ def _refresh(state, run, steps, now, eid, etype, at, out) -> bool:
         if len(diff) > 1:
             diff.sort(key=int)
         prefix = f"{eid}\x1fnode_state\x1f{aid}\x1f{cid}\x1f{rn}\x1f"
+        opened = left = None
         for k in diff:
             to = nodes.get(k) or "none"
             ki = int(k)
+            if to == "waiting":
+                opened = ki
+            elif get(k) == "waiting":
+                left = ki
             h = change_hasher()
             h.update(f"{prefix}{ki}\x1fNone\x1f{to}".encode())
             out.append({
@@ -448,7 +461,31 @@ def _refresh(state, run, steps, now, eid, etype, at, out) -> bool:
                 "reason": reason if (to == "stopped" or to == "filtered") else None,
                 "event_id": eid, "event_type": etype, "occurred_at": at, "change_id": h.hexdigest(),
             })
+        if opened is not None or left is not None:
+            _waits(run, rn, opened, left, at, waits)
     return True
+
+
+def _waits(run, rn, opened, left, at, waits) -> None:
+    """The waits of a node change of run ``rn``: the node ``left`` stopped waiting, ``opened`` started.
+
+    ``run["dw"]`` is the open wait, ``[step_index, since]``: a node that leaves closes it (a node
+    whose wait is not known there, a state from before the engine kept it, gives since None: its
+    reset), and a new wait closes one the change did not (a run waits at one node at a time).
+    """
+    dw = run.get("dw")
+    if left is not None:
+        if dw is not None and dw[0] == left:
+            waits.append((rn, left, dw[1], True))
+            dw = None
+        else:
+            waits.append((rn, left, None, True))
+    if opened is not None:
+        if dw is not None:
+            waits.append((rn, dw[0], dw[1], True))
+        dw = [opened, at]
+        waits.append((rn, opened, at, False))
+    run["dw"] = dw
 
 
 _MISSING = object()
@@ -784,7 +821,7 @@ for _t in _FAN_OUT:
 
 # --------------------------------------------------------------------------- API
 
-def _auto_resume(state, steps, old_now, now, out, inclusive_all=False) -> bool:
+def _auto_resume(state, steps, old_now, now, out, waits, inclusive_all=False) -> bool:
     changed = False
     for run in state["runs"]:
         h = run["hold"]
@@ -792,7 +829,7 @@ def _auto_resume(state, steps, old_now, now, out, inclusive_all=False) -> bool:
             continue
         ra = h[4]
         if ra is not None and ra <= now and (inclusive_all or ra > old_now):
-            if _refresh(state, run, steps, now, "auto:" + h[1], AUTO_RESUME_TYPE, ra, out):
+            if _refresh(state, run, steps, now, "auto:" + h[1], AUTO_RESUME_TYPE, ra, out, waits):
                 changed = True
     return changed
 
@@ -824,6 +861,7 @@ def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int 
         steps = hit[1] if hit is not None and hit[0] is automation else _steps(automation)
     changes: list = []
     regs: list = []
+    waits: list = []
     changed = False
     if now != old_now:
         state["now"] = now
@@ -832,7 +870,7 @@ def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int 
             if h is not None:  # auto-resume holds whose resume_at passed (as _auto_resume)
                 ra = h[4]
                 if ra is not None and old_now < ra <= now:
-                    if _refresh(state, r, steps, now, "auto:" + h[1], AUTO_RESUME_TYPE, ra, changes):
+                    if _refresh(state, r, steps, now, "auto:" + h[1], AUTO_RESUME_TYPE, ra, changes, waits):
                         changed = True
     repeats: list | tuple = ()
     if run_handler is not None:
@@ -853,7 +891,7 @@ def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int 
         if code:
             changed = True
             if code == _REFRESH:
-                _refresh(state, run, steps, now, event["event_id"], etype, at, changes)
+                _refresh(state, run, steps, now, event["event_id"], etype, at, changes, waits)
     else:
         n_runs = len(runs)
         facts_changed, touched = handler(state, event, automation, steps, now, regs, None)
@@ -868,10 +906,10 @@ def apply(state: dict | None, event: dict, automation: dict | None, now_ms: int 
             if touched:
                 eid = event["event_id"]
                 for r in touched:
-                    _refresh(state, r, steps, now, eid, etype, at, changes)
+                    _refresh(state, r, steps, now, eid, etype, at, changes, waits)
     if changed:
         state["version"] += 1
-    return Result(state, changed, changes, regs, repeats)
+    return Result(state, changed, changes, regs, repeats, waits)
 
 
 def tick(state: dict, automation: dict | None, now_ms: int) -> Result:
@@ -883,10 +921,11 @@ def tick(state: dict, automation: dict | None, now_ms: int) -> Result:
     now = now_ms if now_ms > old_now else old_now
     state["now"] = now
     changes: list = []
-    changed = _auto_resume(state, _steps(automation), old_now, now, changes, inclusive_all=True)
+    waits: list = []
+    changed = _auto_resume(state, _steps(automation), old_now, now, changes, waits, inclusive_all=True)
     if changed:
         state["version"] += 1
-    return Result(state, changed, changes, [])
+    return Result(state, changed, changes, [], (), waits)
 
 
 def next_resume_at(state: dict) -> int | None:

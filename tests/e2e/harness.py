@@ -44,6 +44,7 @@ class WorkerProcess:
             "SENDTRAIL_WEB_HOST": "127.0.0.1",
             "SENDTRAIL_WEB_PORT": str(self.port),
             "SENDTRAIL_RESUME_CHECK_SECONDS": "1",
+            "SENDTRAIL_WAITS_CLEANUP_SECONDS": "2",  # node_waits cleaned while the pipeline writes
             "SENDTRAIL_LOG_LEVEL": "info",
         })
         self.env.update(extra_env or {})
@@ -195,6 +196,16 @@ END_STATE_QUERIES = {
                      "countIf(unsubscribed_at IS NOT NULL) FROM sendtrail.messages FINAL "
                      "GROUP BY mailing_id, channel, automation_id, step_index",
     "coverage": "SELECT counters, partition, partitions FROM sendtrail.counter_coverage FINAL",
+    # health's stuck contacts as the API reads them (queries._open_waits: node_waits, migration 012),
+    # against the waiting nodes of the latest state
+    "waits": "SELECT w.automation_id, w.contact_id, w.run, w.step_index, toUnixTimestamp64Milli(w.since) FROM ("
+             "SELECT automation_id, contact_id, run, step_index, since, _version FROM sendtrail.node_waits FINAL "
+             "WHERE since > toDateTime64(0, 3, 'UTC')) AS w LEFT ANY JOIN (SELECT automation_id, contact_id, run, "
+             "step_index, _version AS reset FROM sendtrail.node_waits FINAL WHERE since = toDateTime64(0, 3, 'UTC')) "
+             "AS r USING (automation_id, contact_id, run, step_index) WHERE w._version >= r.reset "
+             "SETTINGS join_use_nulls = 0",
+    "waits_final": "SELECT automation_id, contact_id, run, step_index, toUnixTimestamp64Milli(at) "
+                   "FROM sendtrail.node_states FINAL WHERE state = 'waiting'",
 }
 
 
@@ -220,6 +231,8 @@ def read_end_state(path: Path) -> dict:
             state[f"{name}_{source}"] = sorted(tuple(int(v) if isinstance(v, (int, float)) else v for v in r)
                                                for r in raw[f"{name}_{source}"])
     state["coverage"] = sorted(tuple(r) for r in raw["coverage"])
+    for name in ("waits", "waits_final"):
+        state[name] = sorted(tuple(r) for r in raw[name])
     return state
 
 
@@ -284,6 +297,13 @@ def compare_counters(state: dict) -> list[str]:
             diffs.append(f"{name}_counters: counted {row}")
         for row in sorted(want - got, key=str)[:10]:
             diffs.append(f"{name}_counters: the latest state counts {row}")
+    got, want = set(state["waits"]), set(state["waits_final"])
+    for row in sorted(got - want, key=str)[:10]:
+        diffs.append(f"node_waits: open wait {row} is not a waiting node")
+    for row in sorted(want - got, key=str)[:10]:
+        diffs.append(f"node_waits: waiting node {row} has no open wait")
+    if len(state["waits"]) != len(got):
+        diffs.append("node_waits: a wait listed twice")
     partitions = {n for _, _, n in state["coverage"]}
     covered = {(c, p) for c, p, _ in state["coverage"]}
     n = max(partitions, default=0)

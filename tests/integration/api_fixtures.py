@@ -39,7 +39,7 @@ import orjson
 
 from sendtrail.clickhouse import connect, insert
 from sendtrail.migrate import migrate
-from streams.rows import repeat_send_row
+from streams.rows import repeat_send_row, wait_row
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2024, 3, 1, 0, 0, 0)          # naive UTC, as ClickHouse returns it
@@ -229,6 +229,27 @@ def _ins(client, table: str, rows: list[dict], database: str) -> None:
     insert(client, table, rows, dedup_token=token, database=database)
 
 
+def write_waits(client, database: str) -> None:
+    """The ``node_waits`` rows (migration 012) the worker writes with the ``node_states`` rows in the
+    table: walking each node's rows by version, a row that leaves 'waiting' closes the wait of the row
+    before it and a 'waiting' row opens one (rows of a version already written are written again, as a
+    replay does)."""
+    history: dict[tuple, list[dict]] = {}
+    for row in client.query(f"SELECT * FROM {database}.node_states ORDER BY _version, _part").named_results():
+        history.setdefault((row["automation_id"], row["contact_id"], row["run"], row["step_index"]), []).append(row)
+    waits = []
+    for (aid, cid, run, step), node_rows in history.items():
+        before = None
+        for row in node_rows:
+            if before is not None and before["state"] == "waiting" and (
+                    row["state"] != "waiting" or row["at"] != before["at"]):
+                waits.append(wait_row(aid, cid, run, step, before["at"], True, row["_version"]))
+            if row["state"] == "waiting":
+                waits.append(wait_row(aid, cid, run, step, row["at"], False, row["_version"]))
+            before = row
+    _ins(client, "node_waits", waits, database)
+
+
 def load_dataset(client, database: str) -> None:
     migrate(client, database)
     v = 1
@@ -288,6 +309,7 @@ def load_dataset(client, database: str) -> None:
     _ins(client, "node_states", node_state_rows, database)
     _ins(client, "node_states", [dict(automation_id=A1, contact_id="c04", run=0, step_index=0, state="waiting",
                                       at=_enrolled(4), _version=v)], database)
+    write_waits(client, database)
 
     message_rows = []
     for s in all_sends:

@@ -479,6 +479,76 @@ def test_duplicate_sends_across_parts_replays_and_merges(env):
         client.close()
 
 
+def test_stuck_waits_resets_and_cleanup(env):
+    """Health's stuck contacts come from node_waits (migration 012): an open wait is listed until a
+    later version closes it; a node's reset row removes its waits of lower versions (a crashed
+    attempt's wait the replay never closed) but not the wait the worker opened again with it;
+    ``clean_waits`` removes the closed waits and the resets from the table and changes no answer."""
+    from sendtrail.api.queries import iso
+    from sendtrail.clickhouse import insert
+    from sendtrail.maintenance import clean_waits
+    from streams.rows import wait_reset_row, wait_row
+
+    db = "api_waits"
+    client = F.open_database(env["path"], db)
+    try:
+        F.load_dataset(client, db)
+        now = lambda: F.NOW.replace(tzinfo=dt.timezone.utc).timestamp()  # noqa: E731
+        api = Api(make_deps_for_client(client, db, now=now))
+        try:
+            def stuck():
+                body = api.get(f"{A1}/health")
+                assert body["stuck_total"] == len(body["stuck"])
+                return [(s["contact_id"], s["run"], s["step_index"], s["waiting_since"]) for s in body["stuck"]]
+
+            before = stuck()
+            assert len(before) == F.EXPECTED["a1_stuck"]
+            t1 = F.T0 + dt.timedelta(days=3)
+            t2 = F.T0 + dt.timedelta(days=4)
+            ms = lambda t: int(t.replace(tzinfo=dt.timezone.utc).timestamp() * 1000)  # noqa: E731
+            # c90 waited at node 2 in an attempt that crashed (version 7, never closed); the replay's
+            # snapshot reset the node at version 9 and opened its current wait (since t2) again
+            insert(client, "node_waits", [wait_row("a1", "c90", 0, 2, ms(t1), False, 7)], dedup_token="ghost",
+                   database=db)
+            assert stuck()[0] == ("c90", 0, 2, iso(t1))  # (before the reset: listed, the oldest)
+            insert(client, "node_waits", [wait_reset_row("a1", "c90", 0, 2, 9), wait_row("a1", "c90", 0, 2, ms(t2),
+                                                                                          False, 9)],
+                   dedup_token="reset", database=db)
+            # c91's wait opened and closed; c92's close comes before its open is merged with it
+            insert(client, "node_waits", [wait_row("a1", "c91", 0, 1, ms(t1), False, 3),
+                                          wait_row("a1", "c92", 0, 1, ms(t1), False, 3)], dedup_token="opens",
+                   database=db)
+            insert(client, "node_waits", [wait_row("a1", "c91", 0, 1, ms(t1), True, 4)], dedup_token="close91",
+                   database=db)
+            # a close whose start is unknown (a state of the earlier layout): c93's node reset at version 5
+            insert(client, "node_waits", [wait_row("a1", "c93", 0, 1, ms(t1), False, 2)], dedup_token="open93",
+                   database=db)
+            insert(client, "node_waits", [wait_row("a1", "c93", 0, 1, None, True, 5)], dedup_token="close93",
+                   database=db)
+            want = sorted(before + [("c90", 0, 2, iso(t2)), ("c92", 0, 1, iso(t1))], key=lambda s: (s[3], s[:3]))
+            assert stuck() == want
+            page = api.get(f"{A1}/health", {"limit": "2", "offset": "1"})
+            assert page["stuck_total"] == len(want)
+            assert [(s["contact_id"], s["run"], s["step_index"], s["waiting_since"]) for s in page["stuck"]] == want[1:3]
+            assert api.get(f"{A1}/health", {"limit": "2", "offset": "100"})["stuck_total"] == len(want)
+            rows_before = client.query(f"SELECT count() FROM {db}.node_waits").result_rows[0][0]
+            clean_waits(client, db)
+            assert stuck() == want
+            left = client.query(f"SELECT contact_id, since, closed FROM {db}.node_waits WHERE contact_id IN "
+                                "('c90', 'c91', 'c92', 'c93') ORDER BY contact_id").result_rows
+            assert [(c, s, k) for c, s, k in left] == [("c90", t2, 0), ("c92", t1, 0)]
+            assert client.query(f"SELECT count() FROM {db}.node_waits").result_rows[0][0] < rows_before
+            assert client.query(f"SELECT count() FROM {db}.node_waits WHERE closed = 1 OR since = "
+                                "toDateTime64(0, 3, 'UTC')").result_rows[0][0] == 0
+            clean_waits(client, db)  # again: nothing to do
+            assert stuck() == want
+        finally:
+            api.close()
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {db}")
+        client.close()
+
+
 # ------------------------------------------------------------------ mailings
 
 def test_mailings_table(api):
@@ -883,6 +953,7 @@ def test_pages_and_totals_over_a_merged_part_and_newer_rows(env, fallback):
             dict(node, contact_id="c09", step_index=1, state="stopped", at=late),
             dict(node, contact_id="c06", step_index=0, state="done", _version=0),  # older: loses
         ], dedup_token="merged-nodes", database=db)
+        F.write_waits(client, db)
         erow = {c: v for c, v in client.query(
             f"SELECT * FROM {db}.enrollments FINAL WHERE contact_id = 'c06'").named_results().__next__().items()}
         insert(client, "enrollments", [dict(erow, status="paused", reason="manual", updated_at=late,

@@ -147,6 +147,32 @@ def _fold(*row_batches: dict) -> dict:
             for k, r in best.items() if not (k[0] == "node_states" and r["state"] == "none")}
 
 
+def _open_waits(*row_batches: dict) -> set:
+    """node_waits (migration 012) read as health reads it, in Python: per key the highest version wins
+    (the later row on a tie), closed waits are dropped, and so are waits below their node's reset."""
+    best: dict = {}
+    for batch in row_batches:
+        for row in batch.get("node_waits", ()):
+            k = (row["automation_id"], row["since"], row["contact_id"], row["run"], row["step_index"])
+            if k not in best or row["_version"] >= best[k]["_version"]:
+                best[k] = row
+    resets = {(a, c, r, i): row["_version"] for (a, since, c, r, i), row in best.items()
+              if since == 0 and not row["closed"]}
+    return {(a, c, r, i, since) for (a, since, c, r, i), row in best.items()
+            if since and not row["closed"] and row["_version"] >= resets.get((a, c, r, i), 0)}
+
+
+def _waiting_nodes(*row_batches: dict) -> set:
+    """The waiting nodes of the latest node_states rows, with their ``at``."""
+    best: dict = {}
+    for batch in row_batches:
+        for row in batch.get("node_states", ()):
+            k = (row["automation_id"], row["contact_id"], row["run"], row["step_index"])
+            if k not in best or row["_version"] >= best[k]["_version"]:
+                best[k] = row
+    return {(*k, row["at"]) for k, row in best.items() if row["state"] == "waiting"}
+
+
 def _apply_all(state, events, automation):
     out = steps.Output()
     for ev in events:
@@ -184,6 +210,10 @@ def test_a_replay_snapshot_outranks_rows_of_the_attempt_that_crashed():
     assert folded[key] == expected
     assert folded[("node_states", "a1", "c1", 0, 3)] == "stopped"
     assert {k[4] for k in folded if k[0] == "node_states"} == {0, 1, 2, 3}  # step 4 was never reached
+    # node_waits: the open waits, as health reads them, are the waiting nodes (here none: node 3 stopped)
+    assert _open_waits(committed_rows)
+    assert _open_waits(committed_rows, crashed_rows, replay_rows, snapshot.rows) == _waiting_nodes(
+        committed_rows, crashed_rows, replay_rows, snapshot.rows) == set()
     assert final["version"] > max(r["_version"] for r in crashed_rows["enrollments"])
 
 
