@@ -226,12 +226,15 @@ def contact_snapshot(state: dict, automation: dict | None, span: int = 0) -> Out
         out.add_rows("enrollments", [rows.enrollment_row(v, at)])
         known = {n["step_index"]: n for n in v["nodes"]}
         aid, cid, rn = v["automation_id"], v["contact_id"], v["run"]
+        dw = state["runs"][rn].get("dw")
         for index in range(max(n_steps, max(known, default=-1) + 1)):
             node = known.get(index)
+            node_at = node["at"] if node and node["at"] is not None else at
+            if node and node["state"] == "waiting" and dw and dw[0] == index and dw[1] is not None:
+                node_at = dw[1]  # the start the wait was written with: replaying the key moves no "since"
             row = rows.node_change_row({
                 "automation_id": aid, "contact_id": cid, "run": rn, "step_index": index,
-                "to": node["state"] if node else None,
-                "occurred_at": (node["at"] if node and node["at"] is not None else at),
+                "to": node["state"] if node else None, "occurred_at": node_at,
             }, version)
             node_rows.append(row)
             # the attempt that crashed may have opened waits the replay does not close: reset the node's

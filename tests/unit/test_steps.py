@@ -263,3 +263,22 @@ def test_events_parked_earlier_go_before_a_new_one_once_the_definition_is_known(
     assert [(v["run"], v["status"], v["reason"]) for v in views] == [
         (0, "finished", "manual"), (1, "ready", None)]
     assert not r.state.get("ignored")
+
+
+def test_a_snapshot_keeps_the_start_a_wait_was_written_with():
+    """A replay of a key (after a crash, or a consumer group reset) snapshots it: its waiting node keeps
+    the start its wait was opened with, in node_states and node_waits alike, however the view would
+    date it (here the view dates node 2 from the pause that followed the send)."""
+    automation = parsed("automation.published", steps=[
+        {"index": i, "name": f"S{i}", "kind": "email", "day": i} for i in range(4)])
+    paused = dict(parsed("automation.paused", event_id="p", occurred_at="2026-01-09T00:00:00Z"), automation_id="a1")
+    state, written = _apply_all(None, [enrolled("2026-01-03T00:00:00Z")] + [
+        sent(i, f"m{i}", f"2026-01-0{4 + i}T00:00:00Z") for i in range(2)] + [paused], automation)
+    opened = _open_waits(written)
+    assert opened == _waiting_nodes(written) and {w[3] for w in opened} == {2}
+    (view,) = steps.enrollment.view(state, automation)
+    assert [n["at"] for n in view["nodes"] if n["state"] == "waiting"] != [w[4] for w in opened]
+    first = steps.contact_snapshot(state, automation)
+    second = steps.contact_snapshot(state, automation)
+    assert _open_waits(written, first.rows) == _waiting_nodes(written, first.rows) == opened
+    assert _open_waits(written, first.rows, second.rows) == _waiting_nodes(written, first.rows, second.rows) == opened
