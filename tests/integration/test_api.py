@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import datetime as dt
 import io
@@ -419,6 +420,23 @@ def test_health(api):
     assert api.get(f"{A1}/health", {"older_than": str(400 * 86400)})["stuck_total"] == 0
 
 
+@contextlib.contextmanager
+def _dataset_api(env, db: str):
+    """A database of its own holding the dataset, and the API over it at the dataset's NOW; dropped after."""
+    client = F.open_database(env["path"], db)
+    try:
+        F.load_dataset(client, db)
+        now = lambda: F.NOW.replace(tzinfo=dt.timezone.utc).timestamp()  # noqa: E731
+        api = Api(make_deps_for_client(client, db, now=now))
+        try:
+            yield client, api
+        finally:
+            api.close()
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {db}")
+        client.close()
+
+
 def test_duplicate_sends_across_parts_replays_and_merges(env):
     """Health's duplicate sends: the worker's candidates (repeat_sends, migration 011) with their ids
     from send_index (migration 007). A second send of a step in a later insert (another part) is
@@ -428,55 +446,45 @@ def test_duplicate_sends_across_parts_replays_and_merges(env):
     from streams.rows import repeat_send_row
 
     db = "api_dups"
-    client = F.open_database(env["path"], db)
-    try:
-        F.load_dataset(client, db)
-        now = lambda: F.NOW.replace(tzinfo=dt.timezone.utc).timestamp()  # noqa: E731
-        api = Api(make_deps_for_client(client, db, now=now))
-        try:
-            def dups():
-                body = api.get(f"{A1}/health")
-                assert body["duplicate_sends_total"] == len(body["duplicate_sends"])
-                return [(d["contact_id"], d["run"], d["step_index"], d["message_ids"])
-                        for d in body["duplicate_sends"]]
+    with _dataset_api(env, db) as (client, api):
+        def dups():
+            body = api.get(f"{A1}/health")
+            assert body["duplicate_sends_total"] == len(body["duplicate_sends"])
+            return [(d["contact_id"], d["run"], d["step_index"], d["message_ids"])
+                    for d in body["duplicate_sends"]]
 
-            expected = [tuple(x) for x in F.EXPECTED["a1_duplicates"]]
-            assert dups() == expected
-            row = client.query(
-                "SELECT * FROM recipients FINAL WHERE automation_id = 'a1' AND contact_id = 'c03' AND step_index = 1"
-            ).named_results()
-            first = next(iter(row))
-            # a replay of c03's step-1 send (identical row, its own insert): no duplicate, even when the
-            # worker named the step for verification (as when a message's step changes): send_index
-            # holds one id for it
-            insert(client, "recipients", [first], dedup_token="replay-c03", database=db)
-            check = repeat_send_row("a1", "c03", 0, 1, [], True)
-            insert(client, "repeat_sends", [check], dedup_token="check-c03", database=db)
-            assert dups() == expected
-            # a second message for the same step, in a later insert: a duplicate before any merge, with
-            # its ids from send_index (the key is marked for verification)...
-            second = dict(first, message_id="m-a1-c03-r0-s1-again", recipient_id="r-again")
-            insert(client, "recipients", [second], dedup_token="second-c03", database=db)
-            both = sorted([first["message_id"], "m-a1-c03-r0-s1-again"])
-            assert dups() == sorted(expected + [("c03", 0, 1, both)])
-            # ...and the worker's row for it (ids united with the verified ones) changes nothing
-            named = repeat_send_row("a1", "c03", 0, 1, both, False)
-            insert(client, "repeat_sends", [named], dedup_token="second-c03", database=db)
-            assert dups() == sorted(expected + [("c03", 0, 1, both)])
-            page = api.get(f"{A1}/health", {"limit": "1", "offset": "1"})
-            assert page["duplicate_sends_total"] == 2 and len(page["duplicate_sends"]) == 1
-            for table in ("send_index", "recipients", "repeat_sends"):
-                client.command(f"OPTIMIZE TABLE {db}.{table} FINAL")
-            assert dups() == sorted(expected + [("c03", 0, 1, both)])
-            # a later single send elsewhere: a new small part next to the merged one changes nothing
-            other = dict(first, contact_id="c09", step_index=2, message_id="m-a1-c09-r0-s2-0", recipient_id="r-c09")
-            insert(client, "recipients", [other], dedup_token="replay-c09", database=db)
-            assert dups() == sorted(expected + [("c03", 0, 1, both)])
-        finally:
-            api.close()
-    finally:
-        client.command(f"DROP DATABASE IF EXISTS {db}")
-        client.close()
+        expected = [tuple(x) for x in F.EXPECTED["a1_duplicates"]]
+        assert dups() == expected
+        row = client.query(
+            "SELECT * FROM recipients FINAL WHERE automation_id = 'a1' AND contact_id = 'c03' AND step_index = 1"
+        ).named_results()
+        first = next(iter(row))
+        # a replay of c03's step-1 send (identical row, its own insert): no duplicate, even when the
+        # worker named the step for verification (as when a message's step changes): send_index
+        # holds one id for it
+        insert(client, "recipients", [first], dedup_token="replay-c03", database=db)
+        check = repeat_send_row("a1", "c03", 0, 1, [], True)
+        insert(client, "repeat_sends", [check], dedup_token="check-c03", database=db)
+        assert dups() == expected
+        # a second message for the same step, in a later insert: a duplicate before any merge, with
+        # its ids from send_index (the key is marked for verification)...
+        second = dict(first, message_id="m-a1-c03-r0-s1-again", recipient_id="r-again")
+        insert(client, "recipients", [second], dedup_token="second-c03", database=db)
+        both = sorted([first["message_id"], "m-a1-c03-r0-s1-again"])
+        assert dups() == sorted(expected + [("c03", 0, 1, both)])
+        # ...and the worker's row for it (ids united with the verified ones) changes nothing
+        named = repeat_send_row("a1", "c03", 0, 1, both, False)
+        insert(client, "repeat_sends", [named], dedup_token="second-c03", database=db)
+        assert dups() == sorted(expected + [("c03", 0, 1, both)])
+        page = api.get(f"{A1}/health", {"limit": "1", "offset": "1"})
+        assert page["duplicate_sends_total"] == 2 and len(page["duplicate_sends"]) == 1
+        for table in ("send_index", "recipients", "repeat_sends"):
+            client.command(f"OPTIMIZE TABLE {db}.{table} FINAL")
+        assert dups() == sorted(expected + [("c03", 0, 1, both)])
+        # a later single send elsewhere: a new small part next to the merged one changes nothing
+        other = dict(first, contact_id="c09", step_index=2, message_id="m-a1-c09-r0-s2-0", recipient_id="r-c09")
+        insert(client, "recipients", [other], dedup_token="replay-c09", database=db)
+        assert dups() == sorted(expected + [("c03", 0, 1, both)])
 
 
 def test_stuck_waits_resets_and_cleanup(env):
@@ -490,63 +498,53 @@ def test_stuck_waits_resets_and_cleanup(env):
     from streams.rows import wait_reset_row, wait_row
 
     db = "api_waits"
-    client = F.open_database(env["path"], db)
-    try:
-        F.load_dataset(client, db)
-        now = lambda: F.NOW.replace(tzinfo=dt.timezone.utc).timestamp()  # noqa: E731
-        api = Api(make_deps_for_client(client, db, now=now))
-        try:
-            def stuck():
-                body = api.get(f"{A1}/health")
-                assert body["stuck_total"] == len(body["stuck"])
-                return [(s["contact_id"], s["run"], s["step_index"], s["waiting_since"]) for s in body["stuck"]]
+    with _dataset_api(env, db) as (client, api):
+        def stuck():
+            body = api.get(f"{A1}/health")
+            assert body["stuck_total"] == len(body["stuck"])
+            return [(s["contact_id"], s["run"], s["step_index"], s["waiting_since"]) for s in body["stuck"]]
 
-            before = stuck()
-            assert len(before) == F.EXPECTED["a1_stuck"]
-            t1 = F.T0 + dt.timedelta(days=3)
-            t2 = F.T0 + dt.timedelta(days=4)
-            ms = lambda t: int(t.replace(tzinfo=dt.timezone.utc).timestamp() * 1000)  # noqa: E731
-            # c90 waited at node 2 in an attempt that crashed (version 7, never closed); the replay's
-            # snapshot reset the node at version 9 and opened its current wait (since t2) again
-            insert(client, "node_waits", [wait_row("a1", "c90", 0, 2, ms(t1), False, 7)], dedup_token="ghost",
-                   database=db)
-            assert stuck()[0] == ("c90", 0, 2, iso(t1))  # (before the reset: listed, the oldest)
-            insert(client, "node_waits", [wait_reset_row("a1", "c90", 0, 2, 9), wait_row("a1", "c90", 0, 2, ms(t2),
-                                                                                          False, 9)],
-                   dedup_token="reset", database=db)
-            # c91's wait opened and closed; c92's close comes before its open is merged with it
-            insert(client, "node_waits", [wait_row("a1", "c91", 0, 1, ms(t1), False, 3),
-                                          wait_row("a1", "c92", 0, 1, ms(t1), False, 3)], dedup_token="opens",
-                   database=db)
-            insert(client, "node_waits", [wait_row("a1", "c91", 0, 1, ms(t1), True, 4)], dedup_token="close91",
-                   database=db)
-            # a close whose start is unknown (a state of the earlier layout): c93's node reset at version 5
-            insert(client, "node_waits", [wait_row("a1", "c93", 0, 1, ms(t1), False, 2)], dedup_token="open93",
-                   database=db)
-            insert(client, "node_waits", [wait_row("a1", "c93", 0, 1, None, True, 5)], dedup_token="close93",
-                   database=db)
-            want = sorted(before + [("c90", 0, 2, iso(t2)), ("c92", 0, 1, iso(t1))], key=lambda s: (s[3], s[:3]))
-            assert stuck() == want
-            page = api.get(f"{A1}/health", {"limit": "2", "offset": "1"})
-            assert page["stuck_total"] == len(want)
-            assert [(s["contact_id"], s["run"], s["step_index"], s["waiting_since"]) for s in page["stuck"]] == want[1:3]
-            assert api.get(f"{A1}/health", {"limit": "2", "offset": "100"})["stuck_total"] == len(want)
-            rows_before = client.query(f"SELECT count() FROM {db}.node_waits").result_rows[0][0]
-            clean_waits(client, db)
-            assert stuck() == want
-            left = client.query(f"SELECT contact_id, since, closed FROM {db}.node_waits WHERE contact_id IN "
-                                "('c90', 'c91', 'c92', 'c93') ORDER BY contact_id").result_rows
-            assert [(c, s, k) for c, s, k in left] == [("c90", t2, 0), ("c92", t1, 0)]
-            assert client.query(f"SELECT count() FROM {db}.node_waits").result_rows[0][0] < rows_before
-            assert client.query(f"SELECT count() FROM {db}.node_waits WHERE closed = 1 OR since = "
-                                "toDateTime64(0, 3, 'UTC')").result_rows[0][0] == 0
-            clean_waits(client, db)  # again: nothing to do
-            assert stuck() == want
-        finally:
-            api.close()
-    finally:
-        client.command(f"DROP DATABASE IF EXISTS {db}")
-        client.close()
+        before = stuck()
+        assert len(before) == F.EXPECTED["a1_stuck"]
+        t1 = F.T0 + dt.timedelta(days=3)
+        t2 = F.T0 + dt.timedelta(days=4)
+        ms = lambda t: int(t.replace(tzinfo=dt.timezone.utc).timestamp() * 1000)  # noqa: E731
+        # c90 waited at node 2 in an attempt that crashed (version 7, never closed); the replay's
+        # snapshot reset the node at version 9 and opened its current wait (since t2) again
+        insert(client, "node_waits", [wait_row("a1", "c90", 0, 2, ms(t1), False, 7)], dedup_token="ghost",
+               database=db)
+        assert stuck()[0] == ("c90", 0, 2, iso(t1))  # (before the reset: listed, the oldest)
+        insert(client, "node_waits", [wait_reset_row("a1", "c90", 0, 2, 9), wait_row("a1", "c90", 0, 2, ms(t2),
+                                                                                      False, 9)],
+               dedup_token="reset", database=db)
+        # c91's wait opened and closed; c92's close comes before its open is merged with it
+        insert(client, "node_waits", [wait_row("a1", "c91", 0, 1, ms(t1), False, 3),
+                                      wait_row("a1", "c92", 0, 1, ms(t1), False, 3)], dedup_token="opens",
+               database=db)
+        insert(client, "node_waits", [wait_row("a1", "c91", 0, 1, ms(t1), True, 4)], dedup_token="close91",
+               database=db)
+        # a close whose start is unknown (a state of the earlier layout): c93's node reset at version 5
+        insert(client, "node_waits", [wait_row("a1", "c93", 0, 1, ms(t1), False, 2)], dedup_token="open93",
+               database=db)
+        insert(client, "node_waits", [wait_row("a1", "c93", 0, 1, None, True, 5)], dedup_token="close93",
+               database=db)
+        want = sorted(before + [("c90", 0, 2, iso(t2)), ("c92", 0, 1, iso(t1))], key=lambda s: (s[3], s[:3]))
+        assert stuck() == want
+        page = api.get(f"{A1}/health", {"limit": "2", "offset": "1"})
+        assert page["stuck_total"] == len(want)
+        assert [(s["contact_id"], s["run"], s["step_index"], s["waiting_since"]) for s in page["stuck"]] == want[1:3]
+        assert api.get(f"{A1}/health", {"limit": "2", "offset": "100"})["stuck_total"] == len(want)
+        rows_before = client.query(f"SELECT count() FROM {db}.node_waits").result_rows[0][0]
+        clean_waits(client, db)
+        assert stuck() == want
+        left = client.query(f"SELECT contact_id, since, closed FROM {db}.node_waits WHERE contact_id IN "
+                            "('c90', 'c91', 'c92', 'c93') ORDER BY contact_id").result_rows
+        assert [(c, s, k) for c, s, k in left] == [("c90", t2, 0), ("c92", t1, 0)]
+        assert client.query(f"SELECT count() FROM {db}.node_waits").result_rows[0][0] < rows_before
+        assert client.query(f"SELECT count() FROM {db}.node_waits WHERE closed = 1 OR since = "
+                            "toDateTime64(0, 3, 'UTC')").result_rows[0][0] == 0
+        clean_waits(client, db)  # again: nothing to do
+        assert stuck() == want
 
 
 # ------------------------------------------------------------------ mailings
