@@ -196,6 +196,7 @@ def test_every_table_accepts_a_row(env):
         "status_changes": ("ch1", "message_status", "a1", "c1", 0, 0, "m1", "delivered", "opened", None, "e1",
                            "message.opened", T0 + 2),
         "repeat_sends": ("a1", "c1", 0, 0, ["m1", "m2"], 0),
+        "node_waits": ("a1", T0, "c1", 0, 1, 0, 1),
         "static_lists": ("l1", "done at 0", "a1", 0, "done", None, 1, T0),
         "static_list_members": ("l1", "c1", "Ann", "ann@example.com"),
         "mailing_counters": mailing_counter_row(("a1:0", "email", "a1", 0), 0, [3, 2, 1, 1, 0, 0, 0, 0, 0], 1),
@@ -322,7 +323,7 @@ def test_migration_011_names_the_steps_already_sent_twice(env, tmp_path, crash_a
     ids for, whether the two sends are in one part or two; a replayed send is no duplicate; an
     interrupted run is completed by the next one."""
     client, db = env["client"], "sendtrail_m011"
-    before = _migrations_before(tmp_path, "011")
+    before, folder = _migrations_before(tmp_path, "011"), _migrations_before(tmp_path, "012")
     client.command(f"DROP DATABASE IF EXISTS {db}")
     try:
         migrate(client, db, directory=before)
@@ -332,8 +333,8 @@ def test_migration_011_names_the_steps_already_sent_twice(env, tmp_path, crash_a
         insert(client, "recipients", later, dedup_token="m011-b", database=db)
         if crash_at is not None:
             with pytest.raises((MigrationError, RuntimeError), match="interrupted"):
-                migrate(_CrashAt(client, crash_at), db)
-        assert migrate(client, db) == ["011_repeat_sends.sql"]
+                migrate(_CrashAt(client, crash_at), db, directory=folder)
+        assert migrate(client, db, directory=folder) == ["011_repeat_sends.sql"]
         rows = client.query(f"SELECT automation_id, contact_id, run, step_index, "
                             f"arraySort(groupUniqArrayArray(message_ids)), max(verify) FROM `{db}`.repeat_sends "
                             "GROUP BY ALL ORDER BY ALL").result_rows
@@ -341,6 +342,42 @@ def test_migration_011_names_the_steps_already_sent_twice(env, tmp_path, crash_a
         indexes = client.query("SELECT name FROM system.data_skipping_indices WHERE database = {db:String} "
                                "AND table = 'send_index'", parameters={"db": db}).result_rows
         assert indexes == []
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {db}")
+        client.database = "sendtrail"
+
+
+def _node_rows(nodes: list[tuple[str, int, str, int, int]]) -> list[dict]:
+    return [{"automation_id": "a1", "contact_id": cid, "run": 0, "step_index": step, "state": state, "at": at,
+             "_version": version} for cid, step, state, at, version in nodes]
+
+
+# 012 issues 2 commands after the one that creates schema_migrations; the last one records it
+@pytest.mark.parametrize("crash_at", [None, 2, 3, 4])
+def test_migration_012_opens_the_waits_of_the_nodes_waiting_now(env, tmp_path, crash_at):
+    """node_waits starts with one open wait per node waiting in node_states' latest rows, since the
+    node's ``at``: a node that waited and moved on in a later row has none; an interrupted run is
+    completed by the next one without a wait listed twice."""
+    client, db = env["client"], "sendtrail_m012"
+    before = _migrations_before(tmp_path, "012")
+    client.command(f"DROP DATABASE IF EXISTS {db}")
+    try:
+        migrate(client, db, directory=before)
+        insert(client, "node_states", _node_rows([
+            ("c1", 0, "done", T0, 1), ("c1", 1, "waiting", T0 + 10, 1),  # c1 waits at node 1
+            ("c2", 0, "waiting", T0 + 20, 1), ("c3", 2, "waiting", T0 + 30, 1),
+        ]), dedup_token="m012-a", database=db)
+        insert(client, "node_states", _node_rows([
+            ("c2", 0, "done", T0 + 40, 2), ("c2", 1, "waiting", T0 + 40, 2),  # c2 moved on to node 1
+            ("c3", 2, "stopped", T0 + 50, 2),  # c3 stopped
+        ]), dedup_token="m012-b", database=db)
+        if crash_at is not None:
+            with pytest.raises((MigrationError, RuntimeError), match="interrupted"):
+                migrate(_CrashAt(client, crash_at), db)
+        assert migrate(client, db) == ["012_node_waits.sql"]
+        rows = client.query(f"SELECT contact_id, step_index, toUnixTimestamp64Milli(since), _version "
+                            f"FROM `{db}`.node_waits FINAL WHERE closed = 0 ORDER BY ALL").result_rows
+        assert rows == [("c1", 1, T0 + 10, 1), ("c2", 1, T0 + 40, 2)]
     finally:
         client.command(f"DROP DATABASE IF EXISTS {db}")
         client.database = "sendtrail"

@@ -291,6 +291,6 @@ def test_batch_token_is_stable_and_content_sensitive():
 def test_default_columns_cover_every_table():
     assert set(TABLE_COLUMNS) == {
         "automations", "contacts", "recipients", "enrollments", "node_states", "messages",
-        "message_events", "status_changes", "repeat_sends", "static_lists", "static_list_members",
+        "message_events", "status_changes", "repeat_sends", "node_waits", "static_lists", "static_list_members",
         "mailing_counters", "node_counters", "status_counters", "counter_coverage",
     }
