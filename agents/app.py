@@ -61,6 +61,14 @@ def _dumps(value: Any) -> bytes:
     return orjson.dumps(value)
 
 
+def _keep_latest(rows_by_table: dict, table: str, rows: Iterable[tuple]) -> None:
+    """Add counter rows to ``rows_by_table`` (table -> total's key -> row), a later row replacing an earlier."""
+    kept = rows_by_table.setdefault(table, {})
+    width = COUNTER_ROW_KEY[table]
+    for row in rows:
+        kept[row[:width]] = row
+
+
 @dataclass
 class Batch:
     """What one batch of one agent produces, sent and written when the batch ends."""
@@ -75,6 +83,9 @@ class Batch:
     transitions: dict = field(default_factory=dict)  # (kind, from, to) -> status changes, for the metrics
     counts: dict = field(default_factory=dict)  # (counters table, partition) -> key -> count differences
     pending_rows: dict | None = None  # counter rows carried by this batch (a copy of Pipeline.pending_rows)
+    #: the counter rows of the totals this batch changed: pending once its state is committed
+    #: (:meth:`Pipeline.state_committed`), never written before
+    counter_rows: dict = field(default_factory=dict)
 
 
 TABLES_BY_KIND = {
@@ -531,10 +542,17 @@ class Pipeline:
     # ---- report counters (streams.counters) ------------------------------------------------------
 
     def _pend(self, table: str, rows: Iterable[tuple]) -> None:
-        pending = self.pending_rows.setdefault(table, {})
-        width = COUNTER_ROW_KEY[table]
-        for row in rows:
-            pending[row[:width]] = row
+        _keep_latest(self.pending_rows, table, rows)
+
+    def state_committed(self, ctx: "Batch") -> None:
+        """The batch's state (its totals) is durable: its counter rows may be written now.
+
+        Why not earlier: a batch's rows are written before its state is committed. A counter row
+        written by a batch whose state a crash then lost can name a total the recovered state never
+        had (contacts that entered a status in that batch); the replay, in other batches, may change
+        that total by nothing, so no later row and no recount would ever replace it."""
+        for table, rows in ctx.counter_rows.items():
+            self._pend(table, rows.values())
 
     def _pending_copy(self) -> dict[str, dict[tuple, tuple]]:
         return {table: dict(rows) for table, rows in self.pending_rows.items() if rows}
@@ -619,10 +637,11 @@ class Pipeline:
                 continue
             for key, counts in changed.items():
                 tables.put(totals_table, partition, prefix + _dumps(key), _dumps(counts))
-            self._pend(table, [build(key, partition, counts, version) for key, counts in changed.items()])
+            _keep_latest(ctx.counter_rows, table, [build(key, partition, counts, version)
+                                                   for key, counts in changed.items()])
         for kind, partition in sorted(recount):
             for table, table_rows in self.recount(kind, partition, "mismatch").items():
-                self._pend(table, table_rows)
+                _keep_latest(ctx.counter_rows, table, table_rows)
 
     def recount(self, kind: str, partition: int, cause: str) -> dict[str, list]:
         """Count a partition's totals again from every key's ``cc`` (staged writes included), stage them
@@ -651,8 +670,10 @@ class Pipeline:
         for record in sorted(stale):
             table = by_prefix[record[:1]]
             prefix, build = COUNTER_KEYS[table]
-            tables.put(totals_table, partition, record, None)
             zero = [0] * len(counterlib.COUNTER_NAMES[table])
+            # kept at zero: every later recount writes its zero row again, in case a crash kept this
+            # one from being written
+            tables.put(totals_table, partition, record, _dumps(zero))
             out[table].append(build(tuple(orjson.loads(record[1:])), partition, zero, version))
         tables.put(totals_table, partition, COUNTED_MARK, b"1")
         out["counter_coverage"] = [counterlib.coverage_row(t, partition, self.settings.partitions, version)

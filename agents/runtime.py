@@ -350,6 +350,7 @@ class Runtime:
         logged: the next batch's commit covers it)."""
         await self.pipeline.finish(ctx)
         written = await self.tables.commit_layer(layer, self.pipeline.producer)
+        self.pipeline.state_committed(ctx)
         if written:
             self.metrics.changelog_written(written)
         self._uncommitted.pop(0)
