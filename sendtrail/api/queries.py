@@ -1231,11 +1231,6 @@ class Queries:
         return cols, sorted(rows, key=lambda r: at[r[k]])
 
     async def mailing_recipients(self, mailing_id: str, *, status: str | None, q: str | None, page: Page) -> dict:
-        exists = await self._scalar(
-            f"SELECT count() FROM (SELECT 1 FROM {self.t('messages')} WHERE mailing_id = {{m:String}} LIMIT 1)",
-            {"m": mailing_id})
-        if not exists:
-            raise NotFound(f"mailing {mailing_id!r} not found")
         w = Where().add("mailing_id = {m:String}", m=mailing_id)
         if status:
             w.add("status = {status:String}", status=status)
@@ -1250,6 +1245,12 @@ class Queries:
                 f"ORDER BY {page.sort} {page.order}, message_id {page.order} "
                 "LIMIT {limit:UInt64} OFFSET {offset:UInt64}" + FINAL_SETTINGS,
                 {**w.params, "limit": page.limit, "offset": page.offset})
+        if not rows:  # a page with rows says the mailing exists
+            exists = await self._scalar(
+                f"SELECT count() FROM (SELECT 1 FROM {self.t('messages')} WHERE mailing_id = {{m:String}} LIMIT 1)",
+                {"m": mailing_id})
+            if not exists:
+                raise NotFound(f"mailing {mailing_id!r} not found")
         total = self._known_total(page, len(rows))
         if total is None and not status and not q:
             # every message of the mailing, whatever its channel, automation and step: the counters' sent
