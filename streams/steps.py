@@ -226,7 +226,8 @@ def contact_snapshot(state: dict, automation: dict | None, span: int = 0) -> Out
         out.add_rows("enrollments", [rows.enrollment_row(v, at)])
         known = {n["step_index"]: n for n in v["nodes"]}
         aid, cid, rn = v["automation_id"], v["contact_id"], v["run"]
-        dw = state["runs"][rn].get("dw")
+        run_state = state["runs"][rn]
+        dw = run_state.get("dw")
         for index in range(max(n_steps, max(known, default=-1) + 1)):
             node = known.get(index)
             node_at = node["at"] if node and node["at"] is not None else at
@@ -242,7 +243,7 @@ def contact_snapshot(state: dict, automation: dict | None, span: int = 0) -> Out
             wait_rows.append(rows.wait_reset_row(aid, cid, rn, index, version))
             if row["state"] == "waiting":
                 wait_rows.append(rows.wait_row(aid, cid, rn, index, row["at"], False, version))
-                state["runs"][rn]["dw"] = [index, row["at"]]
+                run_state["dw"] = [index, row["at"]]
     out.add_rows("node_states", node_rows)
     out.add_rows("node_waits", wait_rows)
     return out

@@ -75,6 +75,9 @@ TIME = "DateTime64(3, 'UTC')"
 FINAL_SETTINGS = " SETTINGS do_not_merge_across_partitions_select_final = 1"
 # node_waits without a reset row joins reset 0 (not NULL): every version passes
 WAITS_SETTINGS = " SETTINGS join_use_nulls = 0"
+# a node's reset row in node_waits (migration 012) has since 0
+WAIT_SINCE_ZERO = "toDateTime64(0, 3, 'UTC')"
+WAIT_RESET = f"since = {WAIT_SINCE_ZERO}"
 
 # ---------------------------------------------------------------- allowlists
 # request value -> SQL expression (trusted text)
@@ -863,8 +866,7 @@ class Queries:
         p = {"a": automation_id, "cutoff": sql_time(cutoff), "limit": page.limit, "offset": page.offset}
         # resets are rare (left by a crash until the next cleanup): without any, no anti-join (a third of the
         # stuck read: 44 vs 64 ms for 250k waits in benchmarks/queries.py's live phase)
-        resets = await self._scalar(f"SELECT count() FROM {self.t('node_waits')} FINAL PREWHERE automation_id = "
-                                    "{a:String} WHERE since = toDateTime64(0, 3, 'UTC')", p)
+        resets = await self._scalar(f"SELECT count() {self._waits_of_automation()} WHERE {WAIT_RESET}", p)
         waits = self._open_waits(bool(resets))
         cols, rows = await self._rows(
             f"SELECT contact_id, run, step_index, since AS waiting_since, count() OVER () AS _total FROM ({waits}) "
@@ -888,17 +890,17 @@ class Queries:
         0, a higher version) removes. In the order of its key, so a page reads the oldest waits first; the
         table holds the open waits and the waits closed since its last cleanup, not every node state.
         ``resets`` False: the automation has no reset row, so no anti-join."""
-        t = self.t("node_waits")
+        opened = f"{self._waits_of_automation()} WHERE since > {WAIT_SINCE_ZERO} AND since < {{cutoff:{TIME}}}"
         if not resets:
-            return (f"SELECT contact_id, run, step_index, since FROM {t} FINAL PREWHERE automation_id = {{a:String}} "
-                    f"WHERE since > toDateTime64(0, 3, 'UTC') AND since < {{cutoff:{TIME}}}")
+            return f"SELECT contact_id, run, step_index, since {opened}"
         return ("SELECT w.contact_id AS contact_id, w.run AS run, w.step_index AS step_index, w.since AS since "
-                f"FROM (SELECT contact_id, run, step_index, since, _version FROM {t} FINAL "
-                "PREWHERE automation_id = {a:String} "
-                f"WHERE since > toDateTime64(0, 3, 'UTC') AND since < {{cutoff:{TIME}}}) AS w "
-                f"LEFT ANY JOIN (SELECT contact_id, run, step_index, _version AS reset FROM {t} FINAL "
-                "PREWHERE automation_id = {a:String} WHERE since = toDateTime64(0, 3, 'UTC')) AS r "
-                "USING (contact_id, run, step_index) WHERE w._version >= r.reset")
+                f"FROM (SELECT contact_id, run, step_index, since, _version {opened}) AS w "
+                f"LEFT ANY JOIN (SELECT contact_id, run, step_index, _version AS reset {self._waits_of_automation()} "
+                f"WHERE {WAIT_RESET}) AS r USING (contact_id, run, step_index) WHERE w._version >= r.reset")
+
+    def _waits_of_automation(self) -> str:
+        """FROM node_waits FINAL, the rows of automation ``{a}``."""
+        return f"FROM {self.t('node_waits')} FINAL PREWHERE automation_id = {{a:String}}"
 
     async def _duplicate_sends(self, automation_id: str, page: Page) -> tuple[list[str], list[tuple], int]:
         """Steps sent more than once to the same run: (contact_id, run, step_index, message_ids) rows.

@@ -14,7 +14,7 @@ from agents.app import COUNTED_MARK, Pipeline
 from sendtrail.clickhouse import TABLE_COLUMNS
 from streams import counters as C
 from streams.generator import generate
-from tests.unit.pipeline_helpers import Rec, local_pipeline
+from tests.unit.pipeline_helpers import FakeProducer, Rec, local_pipeline
 
 PARTITIONS = 2
 BASE_MS = 1_700_000_000_000
@@ -238,13 +238,6 @@ def test_a_recount_writes_zeros_for_totals_no_key_counts_any_more(tmp_path, work
         assert again and not any(again[-1][len(key) + 1:-1])
 
 
-class _Producer:
-    """Acknowledges every changelog record at once (offset 0)."""
-
-    async def send_all(self, sends):
-        return {(topic, partition): 0 for topic, _key, _value, partition in sends}
-
-
 @pytest.mark.parametrize("share", [2, 8])
 def test_counter_rows_of_a_batch_whose_state_was_lost_are_no_phantoms(tmp_path, workload, share):
     """A worker killed after a batch's rows were written but before its state was committed: the
@@ -260,7 +253,7 @@ def test_counter_rows_of_a_batch_whose_state_was_lost_are_no_phantoms(tmp_path, 
     names = driver.p.topic_names
     first = len(workload.events) // share
     driver.run(workload.events[:first], 300)
-    asyncio.run(driver.p.tables.commit(_Producer()))
+    asyncio.run(driver.p.tables.commit(FakeProducer()))
     rest = [driver.rec(names[topic], key.encode(), value, None) for topic, key, value in workload.events[first:]]
     replay_until = {TopicPartition(r.topic, r.partition): r.offset + 1 for r in rest}
     for size in (20, 150, 400, 1000):
@@ -269,7 +262,7 @@ def test_counter_rows_of_a_batch_whose_state_was_lost_are_no_phantoms(tmp_path, 
         pending = driver.batch(rest[:2 * size], replay_until)
         while pending:
             pending = driver.batch(pending)
-        asyncio.run(driver.p.tables.commit(_Producer()))
+        asyncio.run(driver.p.tables.commit(FakeProducer()))
         driver.flush()
         assert counter_counts(driver.rows) == nonzero(expected_counts(driver.rows)), size
         rest = rest[2 * size:]

@@ -7,29 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from agents.state import MARKER_KEY, PartitionStore, StateTables, changelog_topic
-
-
-class FakeProducer:
-    """A BatchProducer stand-in: records sends, assigns offsets per partition; sends to ``fail_topic`` fail."""
-
-    def __init__(self, fail_topic: str | None = None) -> None:
-        self.sent: list[tuple[str, int, bytes, bytes | None]] = []
-        self.offsets: dict[tuple[str, int], int] = {}
-        self.fail_topic = fail_topic
-        self.calls = 0
-
-    async def send_all(self, records):
-        self.calls += 1
-        records = list(records)
-        if any(topic == self.fail_topic for topic, _, _, _ in records):
-            raise ConnectionError("broker gone")
-        last = {}
-        for topic, key, value, partition in records:
-            offset = self.offsets.get((topic, partition), 0)
-            self.offsets[(topic, partition)] = offset + 1
-            self.sent.append((topic, partition, key, value))
-            last[(topic, partition)] = offset
-        return last
+from tests.unit.pipeline_helpers import FakeProducer
 
 
 def test_store_writes_values_deletes_and_marker_together(tmp_path):
