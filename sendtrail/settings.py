@@ -75,7 +75,11 @@ class Settings:
     max_body_bytes: int = 5 * 1024 * 1024
     max_event_bytes: int = 256 * 1024
     consumer_group: str = "sendtrail"
-    batch_size: int = 2000
+    # Records per batch at most. A batch takes what arrived while the one before was processed,
+    # so the cap binds only under a backlog, where each batch's fixed cost (an insert per
+    # ClickHouse table) decides: 5000 instead of 2000 gave 8 % more events/s and a 16 % lower
+    # latency p99 at 2,500 events/s (benchmarks/pipeline.py, alternating runs; README).
+    batch_size: int = 5000
     batch_seconds: float = 0.5
     sink_max_backlog_rows: int = 200_000
     sink_retry_max_seconds: float = 30.0
