@@ -94,11 +94,22 @@ def _kill_mid_batch(worker: WorkerProcess, target: float, timeout: float = 120.0
     return done
 
 
+@pytest.fixture
+def small_batch_worker(tmp_path, kafka_bootstrap, topic_prefix):
+    """A worker whose batches are well under a quarter of the workload (about 3,400 records): each
+    kill then lands after some batches' state reached the changelogs, which the recovery reads.
+    With the default (5,000) a quarter is one batch, killed before its state is committed."""
+    w = WorkerProcess(tmp_path, kafka_bootstrap, topic_prefix, extra_env={"SENDTRAIL_BATCH_SIZE": "2000"})
+    yield w
+    w.stop()
+
+
 @pytest.mark.parametrize("seed", [12, 21])
-def test_sigkill_mid_stream_is_still_exact(worker, seed):
+def test_sigkill_mid_stream_is_still_exact(small_batch_worker, seed):
     """Killed three times while consuming, each time after a random share of what it had to do;
     before the last restart the local state directory is lost too (a new machine), so the state
     comes back from the changelogs alone."""
+    worker = small_batch_worker
     workload = _workload(seed=seed)
     rng = random.Random(seed)
     events = workload.events
