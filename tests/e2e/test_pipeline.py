@@ -96,7 +96,7 @@ def _kill_mid_batch(worker: WorkerProcess, target: float, timeout: float = 120.0
 
 @pytest.fixture
 def small_batch_worker(tmp_path, kafka_bootstrap, topic_prefix):
-    """A worker whose batches are well under a quarter of the workload (about 3,400 records): each
+    """A worker whose batches are smaller than a quarter of the workload (about 3,400 records): each
     kill then lands after some batches' state reached the changelogs, which the recovery reads.
     With the default (5,000) a quarter is one batch, killed before its state is committed."""
     w = WorkerProcess(tmp_path, kafka_bootstrap, topic_prefix, extra_env={"SENDTRAIL_BATCH_SIZE": "2000"})
