@@ -29,6 +29,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +47,8 @@ CRATE = Path(__file__).resolve().parent / "engine_floor"
 def build(cache: Path):
     """Build the probe and import it (the module is never installed)."""
     target = cache / "target"
+    if shutil.which("cargo") is None:
+        raise SystemExit("engine_floor.py needs cargo (Rust) to build its probe: https://rustup.rs")
     subprocess.run(["cargo", "build", "--release", "--quiet", "--manifest-path", str(CRATE / "Cargo.toml")],
                    check=True, env={**os.environ, "CARGO_TARGET_DIR": str(target),
                                      "PYO3_PYTHON": sys.executable})  # built for this interpreter
