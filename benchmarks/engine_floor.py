@@ -15,7 +15,10 @@ changes and follow-ups the Python machines emit, then times on one core (best of
 - ``python``: the Python machine (the loop of benchmarks/engine.py, states as dicts);
 - ``floor``: the boundary-only module with those outputs;
 - ``floor_no_outputs``: the same module building no outputs (reading the event, the state map
-  and the result object).
+  and the result object);
+- ``combined``: both machines over the merged external stream, the follow-ups routed between
+  them in Python as ``benchmarks/engine.py`` does (events/s of external events): the Python
+  machines, and the probe routing its own follow-ups.
 
     python benchmarks/engine_floor.py [--contacts 20000] [--seed 7] [--repeat 3]
 
@@ -129,6 +132,28 @@ def main(argv=None) -> int:
         if r.changes and r.outcomes and "message" not in shapes:
             shapes["message"] = (set(r.changes[0]), set(r.outcomes[0]))
     del table
+    # Both machines on the merged external stream, the follow-ups routed in process as in
+    # benchmarks/engine.py's run_combined: per apply, in that order, what the machine emitted.
+    combined: list = []
+    etable: dict = {}
+    mtable: dict = {}
+    pending: list = []
+    for ev in merged:
+        pending.append(ev)
+        while pending:
+            e = pending.pop()
+            if e["type"].startswith("message."):
+                r = message.apply(mtable.get(e["message_id"]), e)
+                mtable[e["message_id"]] = r.state
+                follow = r.outcomes
+            else:
+                key = f"{e['automation_id']}\x1f{e['contact_id']}"
+                r = enrollment.apply(etable.get(key), e, autos.get(e["automation_id"]))
+                etable[key] = r.state
+                follow = r.registrations
+            combined.append((len(r.changes), len(follow)))
+            pending.extend(follow)
+    del etable, mtable
     for name, work, regs_kind in (("enrollment", e_work, True), ("message", m_work, False)):
         check_probe(floor_mod, name, work, regs_kind, shapes[name])
     gc.collect()
@@ -159,6 +184,24 @@ def main(argv=None) -> int:
                     f(e, 0, 0, registrations)
         return run
 
+    def floor_combined():
+        on_contact, on_message = floor_mod.Floor().apply, floor_mod.Floor().apply
+        counts = iter(combined)
+        stack: list = []
+        for ev in merged:
+            stack.append(ev)
+            while stack:
+                e = stack.pop()
+                nc, nf = next(counts, (None, None))
+                if nc is None:
+                    raise SystemExit("combined: the probe routed more follow-ups than the machines")
+                if e["type"].startswith("message."):
+                    stack.extend(on_message(e, nc, nf, False).follow_ups)
+                else:
+                    stack.extend(on_contact(e, nc, nf, True).follow_ups)
+        if next(counts, None) is not None:
+            raise SystemExit("combined: the probe routed fewer follow-ups than the machines")
+
     fig: dict = {"contacts": args.contacts, "seed": args.seed, "pinned_one_core": pinned,
                  "enrollment_events": len(e_work), "message_events": len(m_work)}
     for name, work, regs_kind, py in (("enrollment", e_work, True, py_enrollment),
@@ -174,6 +217,14 @@ def main(argv=None) -> int:
               f"{fig[f'{name}_follow_ups_per_event']} follow-ups per event; python {fig[f'{name}_python_eps']:,} "
               f"events/s; boundary floor {fig[f'{name}_floor_eps']:,} events/s "
               f"({fig[f'{name}_floor_no_outputs_eps']:,} without building outputs)")
+    n = len(merged)
+    fig["combined_external_events"] = n
+    fig["combined_applies"] = len(combined)
+    fig["combined_python_eps"] = round(best(lambda: run_combined(merged, autos, False), n, args.repeat))
+    fig["combined_floor_eps"] = round(best(floor_combined, n, args.repeat))
+    fig["combined_floor_over_python"] = round(fig["combined_floor_eps"] / fig["combined_python_eps"], 2)
+    print(f"combined: {n} external events ({len(combined)} applies with the routed follow-ups); python "
+          f"{fig['combined_python_eps']:,} events/s; boundary floor {fig['combined_floor_eps']:,} events/s")
     fig["loadavg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print(json.dumps(fig, sort_keys=True))
     return 0

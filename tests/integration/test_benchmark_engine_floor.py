@@ -35,3 +35,7 @@ def test_engine_floor_benchmark_bounds_the_machines_own_outputs():
         assert figures[f"{machine}_follow_ups_per_event"] > 0.1
         assert figures[f"{machine}_python_eps"] > 0
         assert figures[f"{machine}_floor_no_outputs_eps"] > 0 and figures[f"{machine}_floor_eps"] > 0
+    # the routed run applied the follow-ups too (the benchmark exits non-zero if the probe routed
+    # more or fewer of them than the machines)
+    assert figures["combined_applies"] > figures["combined_external_events"] > 1000
+    assert figures["combined_python_eps"] > 0 and figures["combined_floor_eps"] > 0
