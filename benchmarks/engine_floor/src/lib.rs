@@ -108,9 +108,7 @@ impl Floor {
         let changes = PyList::empty(py);
         for _ in 0..n_changes {
             let mut text = String::with_capacity(128);
-            for v in [&eid] {
-                render(v, &mut text)?;
-            }
+            render(&eid, &mut text)?;
             text.push_str("\x1fnode_state\x1f");
             for v in [&aid, &cid, &run, &step, &mid] {
                 render(v, &mut text)?;
