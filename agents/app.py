@@ -572,7 +572,7 @@ class Pipeline:
         return any(self.pending_rows.values())
 
     async def flush_counter_rows(self) -> None:
-        """Write the pending counter rows now (before a clean stop)."""
+        """Write the pending counter rows now (when the worker is idle, and before a clean stop)."""
         if self.has_pending_rows:
             rows = self._pending_copy()
             await self._write_rows({table: list(r.values()) for table, r in rows.items()})

@@ -307,8 +307,11 @@ class Runtime:
                     try:
                         if fetched:
                             await self._process(fetched)
-                        elif self._inflight is not None and self._inflight.done():
+                        elif self._inflight is None or self._inflight.done():
                             await self._await_inflight()  # raises if the last batch failed
+                            # Idle: the counter rows of the last batches go now, not with a next
+                            # batch that may not come (the reports would lag until it did).
+                            await self.pipeline.flush_counter_rows()
                         else:
                             continue
                         delay = 0.5

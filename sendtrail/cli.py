@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 import time
@@ -114,8 +115,10 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     from sendtrail.report import print_report
 
-    print_report(settings, base_url=args.url, out=sys.stdout)
-    return 0
+    oracle = None
+    if args.oracle:
+        oracle = json.loads(Path(args.oracle).read_bytes())
+    return 0 if print_report(settings, base_url=args.url, out=sys.stdout, oracle=oracle) else 1
 
 
 def cmd_wait(settings: Settings, args: argparse.Namespace) -> int:
@@ -153,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--out", default=".")
     rep = sub.add_parser("report", help="print per-automation node counts and per-mailing totals from the API")
     rep.add_argument("--url", default=None, help="API base URL (default http://127.0.0.1:$SENDTRAIL_WEB_PORT)")
+    rep.add_argument("--oracle", default=None,
+                     help="also check the figures against this oracle (from generate --oracle); exit 1 if they differ")
     wait = sub.add_parser("wait", help="wait until the worker has consumed and committed everything")
     wait.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args(argv)

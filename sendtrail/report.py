@@ -1,4 +1,9 @@
-"""``sendtrail report``: a short text report read from the HTTP API (per automation node counts, per mailing totals)."""
+"""``sendtrail report``: a short text report read from the HTTP API (per automation node counts, per mailing totals).
+
+With ``--oracle FILE`` (the expected end state ``sendtrail generate --oracle`` wrote) it also checks the
+API's figures against it: every node count and status count of every automation, and the totals of
+every e-mail mailing (the API's mailings are e-mails only, seed 003), and exits 1 on any difference.
+"""
 from __future__ import annotations
 
 import json
@@ -26,6 +31,15 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def fetch_report(base: str, token: str | None) -> tuple[list[dict], dict[str, dict], list[dict]]:
+    """What the report shows, from the API: the automations, each one's report, the mailings."""
+    automations = _get(base, "/api/v1/automations?limit=1000", token)["items"]
+    reports = {a["automation_id"]: _get(base, f"/api/v1/automations/{urllib.parse.quote(a['automation_id'], safe='')}"
+                                              "/report", token)
+               for a in automations}
+    return automations, reports, _get(base, "/api/v1/mailings?limit=1000", token)["items"]
+
+
 def render_report(automations: list[dict], reports: dict[str, dict], mailings: list[dict]) -> str:
     out = []
     for auto in automations:
@@ -42,18 +56,69 @@ def render_report(automations: list[dict], reports: dict[str, dict], mailings: l
         out.append("completion: " + ", ".join(f"{k} {v}" for k, v in comp.items()))
         out.append("statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
     out.append("\nMailings")
-    cols = ["mailing_id", "total_sent", "delivered", "opened", "clicked", "bounced", "dropped", "deferred",
-            "spam_reports", "unsubscribed"]
+    cols = ["mailing_id", *MAILING_COLUMNS]
     out.append(_table([[m.get(c) for c in cols] for m in mailings], cols))
     return "\n".join(out) + "\n"
 
 
-def print_report(settings: Settings, base_url: str | None, out: IO[str]) -> None:
-    base = base_url or f"http://127.0.0.1:{settings.web_port}"
-    token = settings.api_token
-    automations = _get(base, "/api/v1/automations?limit=1000", token)["items"]
-    reports = {a["automation_id"]: _get(base, f"/api/v1/automations/{urllib.parse.quote(a['automation_id'], safe='')}"
-                                              "/report", token)
-               for a in automations}
-    mailings = _get(base, "/api/v1/mailings?limit=1000", token)["items"]
+MAILING_COLUMNS = ("total_sent", "delivered", "opened", "clicked", "bounced", "dropped", "deferred",
+                   "spam_reports", "unsubscribed")
+
+
+def oracle_differences(automations: list[dict], reports: dict[str, dict], mailings: list[dict],
+                       oracle: dict) -> list[str]:
+    """Every difference between what the API reports and the oracle, as readable lines (none: a match).
+
+    The oracle's mailing ids are the default ``<automation_id>:<step_index>``; its mailings of steps
+    that are not e-mails are not checked (the API lists e-mails only)."""
+    diffs = []
+    known = {a["automation_id"]: a for a in automations}
+    for aid in sorted(set(oracle["node_counts"]) - set(known)):
+        diffs.append(f"automation {aid}: in the oracle, not in the API")
+    for aid in sorted(set(oracle["node_counts"]) & set(known)):
+        rep = reports.get(aid) or {}
+        got_nodes = {str(n["step_index"]): {k: n[k] for k in ("done", "waiting", "filtered", "stopped")}
+                     for n in rep.get("nodes") or ()}
+        for step in sorted(set(got_nodes) | set(oracle["node_counts"][aid]), key=int):
+            want = oracle["node_counts"][aid].get(step)
+            got = got_nodes.get(step)
+            if want is not None and got is not None:
+                want = {k: want[k] for k in got}
+            if got != want:
+                diffs.append(f"automation {aid} step {step}: API {got}, oracle {want}")
+        got_st = {k: v for k, v in (rep.get("statuses") or {}).items() if v}
+        want_st = {k: v for k, v in oracle["status_counts"][aid].items() if v}
+        for status in sorted(set(got_st) | set(want_st)):
+            if got_st.get(status, 0) != want_st.get(status, 0):
+                diffs.append(f"automation {aid} status {status}: API {got_st.get(status, 0)}, "
+                             f"oracle {want_st.get(status, 0)}")
+    email_steps = {f"{aid}:{s['index']}" for aid, a in known.items() for s in a.get("steps") or ()
+                   if s.get("kind") == "email"}
+    want_m = {mid: m for mid, m in oracle["mailings"].items() if mid in email_steps}
+    got_m = {m["mailing_id"]: m for m in mailings}
+    for mid in sorted(set(want_m) | set(got_m)):
+        got, want = got_m.get(mid), want_m.get(mid)
+        if got is None or want is None:
+            diffs.append(f"mailing {mid}: {'not in the API' if got is None else 'not in the oracle'}")
+            continue
+        for col in MAILING_COLUMNS:
+            if got.get(col) != want.get(col):
+                diffs.append(f"mailing {mid} {col}: API {got.get(col)}, oracle {want.get(col)}")
+    return diffs
+
+
+def print_report(settings: Settings, base_url: str | None, out: IO[str], oracle: dict | None = None) -> bool:
+    """Print the report; with ``oracle``, also check it (returns False on a difference, True otherwise)."""
+    automations, reports, mailings = fetch_report(base_url or f"http://127.0.0.1:{settings.web_port}",
+                                                  settings.api_token)
     out.write(render_report(automations, reports, mailings))
+    if oracle is None:
+        return True
+    diffs = oracle_differences(automations, reports, mailings, oracle)
+    if diffs:
+        out.write(f"\nNOT as the oracle expects ({len(diffs)} differences):\n" + "".join(f"  {d}\n" for d in diffs))
+        return False
+    nodes = sum(len(steps) for steps in oracle["node_counts"].values())
+    out.write(f"\nChecked against the oracle: the counts of all {nodes} nodes and the statuses of "
+              f"{len(oracle['node_counts'])} automations, and the totals of {len(mailings)} e-mail mailings, match.\n")
+    return True

@@ -12,6 +12,7 @@ import pytest
 
 from agents.runtime import CLEAN
 from sendtrail.cli import produce
+from sendtrail.report import fetch_report, oracle_differences
 from streams.generator import generate
 from tests.e2e.harness import WorkerProcess, compare_with_oracle, consume_all, read_end_state
 
@@ -53,6 +54,9 @@ def test_generated_workload_matches_the_oracle_exactly(worker):
     worker.wait_caught_up(timeout=400)
     status, body = worker.get("/readyz")
     assert status == 200, body
+    api = fetch_report(f"http://127.0.0.1:{worker.port}", None)  # the live API, before any stop
+    diffs = oracle_differences(*api, workload.oracle)
+    assert not diffs, f"{len(diffs)} differences, first ones:\n" + "\n".join(diffs[:25])
     worker.stop()
     state = _assert_exact(worker, workload.oracle)
     assert len(state["recipients"]) > CONTACTS  # a real workload, not an empty one

@@ -1,0 +1,96 @@
+"""``sendtrail report``: the text it prints and its check against the generator's oracle."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+
+from sendtrail import report
+from sendtrail.settings import Settings
+
+AUTOMATIONS = [{"automation_id": "a1", "name": "Outreach", "participation": "once", "status": "active",
+                "steps": [{"index": 0, "name": "Email 1", "kind": "email"},
+                          {"index": 1, "name": "Connect", "kind": "linkedin_connect"}]}]
+REPORTS = {"a1": {
+    "nodes": [{"step_index": 0, "name": "Email 1", "kind": "email", "done": 5, "waiting": 1, "filtered": 0,
+               "stopped": 2},
+              {"step_index": 1, "name": "Connect", "kind": "linkedin_connect", "done": 3, "waiting": 2,
+               "filtered": 0, "stopped": 0}],
+    "completion": {"completed": 3, "in_progress": 2, "not_started": 1, "left": 2, "runs": 8},
+    "statuses": {"finished": 3, "in_progress": 3, "bounced": 2, "paused": 0}}}
+MAILING = {"total_sent": 5, "delivered": 4, "opened": 2, "clicked": 1, "bounced": 1, "dropped": 0, "deferred": 1,
+           "spam_reports": 0, "unsubscribed": 0}
+MAILINGS = [{"mailing_id": "a1:0", "automation_id": "a1", "step_index": 0, **MAILING}]
+ORACLE = {
+    "node_counts": {"a1": {"0": {"done": 5, "filtered": 0, "stopped": 2, "waiting": 1},
+                           "1": {"done": 3, "filtered": 0, "stopped": 0, "waiting": 2}}},
+    "status_counts": {"a1": {"bounced": 2, "finished": 3, "in_progress": 3}},
+    # the LinkedIn step's "mailing" is not an e-mail: the API does not list it, the check skips it
+    "mailings": {"a1:0": dict(MAILING), "a1:1": {**MAILING, "total_sent": 3, "delivered": 0}},
+}
+
+
+def _diffs(automations=AUTOMATIONS, reports=REPORTS, mailings=MAILINGS, oracle=ORACLE):
+    return report.oracle_differences(automations, reports, mailings, oracle)
+
+
+def test_the_api_as_the_oracle_expects_has_no_differences():
+    assert _diffs() == []
+
+
+def test_a_node_count_that_differs_is_named_with_both_values():
+    reports = copy.deepcopy(REPORTS)
+    reports["a1"]["nodes"][1]["waiting"] = 1
+    reports["a1"]["nodes"][1]["stopped"] = 1
+    assert _diffs(reports=reports) == [
+        "automation a1 step 1: API {'done': 3, 'waiting': 1, 'filtered': 0, 'stopped': 1}, "
+        "oracle {'done': 3, 'waiting': 2, 'filtered': 0, 'stopped': 0}"]
+
+
+def test_a_node_missing_on_either_side_is_a_difference():
+    reports = copy.deepcopy(REPORTS)
+    del reports["a1"]["nodes"][1]
+    assert _diffs(reports=reports) == [
+        "automation a1 step 1: API None, oracle {'done': 3, 'filtered': 0, 'stopped': 0, 'waiting': 2}"]
+
+
+def test_status_counts_compare_per_status_zero_counts_being_absent():
+    reports = copy.deepcopy(REPORTS)
+    reports["a1"]["statuses"].update({"finished": 2, "unsubscribed": 1})
+    assert _diffs(reports=reports) == ["automation a1 status finished: API 2, oracle 3",
+                                       "automation a1 status unsubscribed: API 1, oracle 0"]
+
+
+def test_mailing_totals_missing_extra_and_different_mailings():
+    assert _diffs(mailings=[]) == ["mailing a1:0: not in the API"]
+    extra = MAILINGS + [{"mailing_id": "a1:9", **MAILING}]
+    assert _diffs(mailings=extra) == ["mailing a1:9: not in the oracle"]
+    assert _diffs(mailings=[{**MAILINGS[0], "opened": 1}]) == ["mailing a1:0 opened: API 1, oracle 2"]
+
+
+def test_an_automation_of_the_oracle_missing_from_the_api():
+    oracle = copy.deepcopy(ORACLE)
+    oracle["node_counts"]["a2"] = {}
+    oracle["status_counts"]["a2"] = {}
+    assert _diffs(oracle=oracle) == ["automation a2: in the oracle, not in the API"]
+
+
+@pytest.mark.parametrize("oracle, ok, says", [
+    (None, True, None),
+    (ORACLE, True, "Checked against the oracle: the counts of all 2 nodes and the statuses of 1 automations, "
+                   "and the totals of 1 e-mail mailings, match."),
+    ({**ORACLE, "status_counts": {"a1": {"finished": 8}}}, False, "NOT as the oracle expects (3 differences):"),
+])
+def test_print_report_prints_the_tables_and_the_verdict(monkeypatch, oracle, ok, says):
+    monkeypatch.setattr(report, "fetch_report", lambda base, token: (AUTOMATIONS, REPORTS, MAILINGS))
+    out = io.StringIO()
+    assert report.print_report(Settings.from_env({}), None, out, oracle=oracle) is ok
+    text = out.getvalue()
+    assert "Automation Outreach (a1, once, active)" in text
+    assert "statuses: bounced 2, finished 3, in_progress 3, paused 0" in text
+    assert "a1:0" in text.split("\nMailings\n")[1]
+    if says is None:
+        assert "oracle" not in text
+    else:
+        assert says in text
