@@ -13,6 +13,10 @@ from typing import IO, Any
 
 from sendtrail.settings import Settings
 
+PAGE = 1000  # the API's largest page
+MAILING_COLUMNS = ("total_sent", "delivered", "opened", "clicked", "bounced", "dropped", "deferred",
+                   "spam_reports", "unsubscribed")
+
 
 def _get(base: str, path: str, token: str | None) -> Any:
     req = urllib.request.Request(base.rstrip("/") + path)
@@ -31,13 +35,23 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _all(base: str, path: str, token: str | None, page: int = PAGE) -> list[dict]:
+    """Every item of a list endpoint, page by page."""
+    items: list[dict] = []
+    while True:
+        body = _get(base, f"{path}?limit={page}&offset={len(items)}", token)
+        items.extend(body["items"])
+        if len(body["items"]) < page or len(items) >= body["total"]:
+            return items
+
+
 def fetch_report(base: str, token: str | None) -> tuple[list[dict], dict[str, dict], list[dict]]:
     """What the report shows, from the API: the automations, each one's report, the mailings."""
-    automations = _get(base, "/api/v1/automations?limit=1000", token)["items"]
+    automations = _all(base, "/api/v1/automations", token)
     reports = {a["automation_id"]: _get(base, f"/api/v1/automations/{urllib.parse.quote(a['automation_id'], safe='')}"
                                               "/report", token)
                for a in automations}
-    return automations, reports, _get(base, "/api/v1/mailings?limit=1000", token)["items"]
+    return automations, reports, _all(base, "/api/v1/mailings", token)
 
 
 def render_report(automations: list[dict], reports: dict[str, dict], mailings: list[dict]) -> str:
@@ -59,10 +73,6 @@ def render_report(automations: list[dict], reports: dict[str, dict], mailings: l
     cols = ["mailing_id", *MAILING_COLUMNS]
     out.append(_table([[m.get(c) for c in cols] for m in mailings], cols))
     return "\n".join(out) + "\n"
-
-
-MAILING_COLUMNS = ("total_sent", "delivered", "opened", "clicked", "bounced", "dropped", "deferred",
-                   "spam_reports", "unsubscribed")
 
 
 def oracle_differences(automations: list[dict], reports: dict[str, dict], mailings: list[dict],

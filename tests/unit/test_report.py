@@ -94,3 +94,26 @@ def test_print_report_prints_the_tables_and_the_verdict(monkeypatch, oracle, ok,
         assert "oracle" not in text
     else:
         assert says in text
+
+
+def test_fetch_report_pages_through_lists_longer_than_the_apis_largest_page(monkeypatch):
+    mailings = [{"mailing_id": f"a1:{i}", **MAILING} for i in range(2 * report.PAGE + 1)]
+    asked = []
+
+    def fake_get(base, path, token):
+        asked.append(path)
+        if path.startswith("/api/v1/automations/"):
+            return REPORTS["a1"]
+        rows = AUTOMATIONS if path.startswith("/api/v1/automations?") else mailings
+        query = dict(kv.split("=") for kv in path.split("?")[1].split("&"))
+        offset, limit = int(query["offset"]), int(query["limit"])
+        assert limit <= 1000  # the API refuses larger pages
+        return {"items": rows[offset:offset + limit], "total": len(rows)}
+
+    monkeypatch.setattr(report, "_get", fake_get)
+    automations, reports, got = report.fetch_report("http://api", None)
+    assert automations == AUTOMATIONS and reports == REPORTS
+    assert got == mailings
+    assert [p for p in asked if p.startswith("/api/v1/mailings")] == [
+        "/api/v1/mailings?limit=1000&offset=0", "/api/v1/mailings?limit=1000&offset=1000",
+        "/api/v1/mailings?limit=1000&offset=2000"]
