@@ -57,3 +57,23 @@ def test_demo_reports_what_the_oracle_expects_right_away_and_stops_cleanly(tmp_p
     assert not _alive(worker_pid)
     assert not _kafka_running(data / "kafka") and not _listening(kafka_port)
     assert not _listening(port)
+
+
+def test_demo_stops_with_the_workers_error_when_the_worker_cannot_start(tmp_path):
+    data = tmp_path / "demo"
+    with socket.socket() as taken:  # the API's port is taken: the worker exits at once
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SENDTRAIL_", "DEMO_"))}
+        env.update({"DEMO_DIR": str(data), "DEMO_CONTACTS": "50", "DEMO_INSTALL": "0",
+                    "SENDTRAIL_WEB_PORT": str(port)})
+        try:
+            run = subprocess.run([str(DEMO)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        finally:
+            subprocess.run([str(DEMO), "stop"], cwd=ROOT, env=env, capture_output=True, timeout=180)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "error: the worker exited" in run.stderr
+    assert "address already in use" in run.stderr  # the end of the worker's log says why
+    assert "generating" not in run.stdout  # no traffic sent to a worker that is not there
+    assert not _kafka_running(data / "kafka")
