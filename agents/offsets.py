@@ -20,9 +20,9 @@ async def group_lag(settings: Settings) -> dict[str, int]:
     names = topic_names(settings.topic_prefix)
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka, enable_auto_commit=False)
-    await admin.start()
-    await consumer.start()
     try:
+        await admin.start()
+        await consumer.start()
         committed = await admin.list_consumer_group_offsets(group)
         tps = []
         for base in CONSUMED:
@@ -68,13 +68,16 @@ async def wait_caught_up(settings: Settings, timeout: float = 600.0, stable_chec
     deadline = time.monotonic() + timeout
     streak = 0
     lag: dict[str, int] = {}
+    error: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            lag = await group_lag(settings)
-        except Exception:  # group not formed yet, broker busy: try again
-            lag = {"unknown": -1}
+            lag, error = await group_lag(settings), None
+        except Exception as exc:  # group not formed yet, broker busy: try again
+            lag, error = {"unknown": -1}, exc
         streak = streak + 1 if lag and all(v == 0 for v in lag.values()) else 0
         if streak >= stable_checks:
             return lag
         await asyncio.sleep(interval)
+    if error is not None:
+        raise TimeoutError(f"no lag read from Kafka at {settings.kafka} in {timeout:.0f}s; last error: {error!r}")
     raise TimeoutError(f"worker still behind after {timeout:.0f}s: {lag}")

@@ -113,18 +113,30 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
-    from sendtrail.report import print_report
+    from sendtrail.report import ReportError, print_report
 
     oracle = None
     if args.oracle:
-        oracle = json.loads(Path(args.oracle).read_bytes())
-    return 0 if print_report(settings, base_url=args.url, out=sys.stdout, oracle=oracle) else 1
+        try:
+            oracle = json.loads(Path(args.oracle).read_bytes())
+        except (OSError, ValueError) as exc:
+            sys.stderr.write(f"sendtrail report: cannot read the oracle {args.oracle}: {exc}\n")
+            return 2
+    try:
+        return 0 if print_report(settings, base_url=args.url, out=sys.stdout, oracle=oracle) else 1
+    except ReportError as exc:
+        sys.stderr.write(f"sendtrail report: {exc}\n")
+        return 2
 
 
 def cmd_wait(settings: Settings, args: argparse.Namespace) -> int:
     from agents.offsets import wait_caught_up
 
-    lag = asyncio.run(wait_caught_up(settings, timeout=args.timeout))
+    try:
+        lag = asyncio.run(wait_caught_up(settings, timeout=args.timeout))
+    except TimeoutError as exc:
+        sys.stderr.write(f"sendtrail wait: {exc}\n")
+        return 1
     log.info("worker caught up: %s", lag)
     return 0
 

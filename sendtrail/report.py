@@ -7,6 +7,7 @@ every e-mail mailing (the API's mailings are e-mails only, seed 003), and exits 
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.parse
 import urllib.request
 from typing import IO, Any
@@ -18,12 +19,29 @@ MAILING_COLUMNS = ("total_sent", "delivered", "opened", "clicked", "bounced", "d
                    "spam_reports", "unsubscribed")
 
 
+class ReportError(Exception):
+    """The API could not be read (unreachable, or it answered with an error)."""
+
+
 def _get(base: str, path: str, token: str | None) -> Any:
-    req = urllib.request.Request(base.rstrip("/") + path)
+    url = base.rstrip("/") + path
+    req = urllib.request.Request(url)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        body = err.read()
+        try:
+            message = json.loads(body)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = body[:200].decode(errors="replace")
+        hint = " (set SENDTRAIL_API_TOKEN to the API's token)" if err.code == 401 else ""
+        raise ReportError(f"GET {url}: HTTP {err.code}: {message}{hint}") from err
+    except (urllib.error.URLError, OSError) as err:
+        raise ReportError(f"cannot reach the API at {base}: {getattr(err, 'reason', err)} "
+                          "(is the worker or `sendtrail api` running? --url or SENDTRAIL_WEB_PORT)") from err
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:

@@ -117,3 +117,32 @@ def test_fetch_report_pages_through_lists_longer_than_the_apis_largest_page(monk
     assert [p for p in asked if p.startswith("/api/v1/mailings")] == [
         "/api/v1/mailings?limit=1000&offset=0", "/api/v1/mailings?limit=1000&offset=1000",
         "/api/v1/mailings?limit=1000&offset=2000"]
+
+
+def _answer(monkeypatch, exc):
+    def urlopen(req, timeout):
+        raise exc
+    monkeypatch.setattr(report.urllib.request, "urlopen", urlopen)
+
+
+def test_an_api_error_is_reported_with_its_message_and_a_hint_for_401(monkeypatch):
+    body = io.BytesIO(b'{"error":{"code":"unauthorized","message":"a bearer token is required"}}')
+    _answer(monkeypatch, report.urllib.error.HTTPError("http://api/x", 401, "Unauthorized", {}, body))
+    with pytest.raises(report.ReportError) as err:
+        report.fetch_report("http://api", None)
+    assert str(err.value) == ("GET http://api/api/v1/automations?limit=1000&offset=0: HTTP 401: a bearer token is "
+                              "required (set SENDTRAIL_API_TOKEN to the API's token)")
+
+
+def test_a_non_json_error_body_is_quoted(monkeypatch):
+    _answer(monkeypatch, report.urllib.error.HTTPError("http://api/x", 502, "Bad Gateway", {},
+                                                       io.BytesIO(b"<html>bad gateway</html>")))
+    with pytest.raises(report.ReportError, match=r"HTTP 502: <html>bad gateway</html>$"):
+        report.fetch_report("http://api", None)
+
+
+def test_an_unreachable_api_is_named(monkeypatch):
+    _answer(monkeypatch, report.urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")))
+    with pytest.raises(report.ReportError, match=r"^cannot reach the API at http://api: \[Errno 111\] Connection "
+                                                 r"refused \(is the worker"):
+        report.fetch_report("http://api", None)
