@@ -101,8 +101,9 @@ def oracle_differences(automations: list[dict], reports: dict[str, dict], mailin
     that are not e-mails are not checked (the API lists e-mails only)."""
     diffs = []
     known = {a["automation_id"]: a for a in automations}
-    for aid in sorted(set(oracle["node_counts"]) - set(known)):
-        diffs.append(f"automation {aid}: in the oracle, not in the API")
+    for aid in sorted(set(oracle["node_counts"]) ^ set(known)):
+        diffs.append(f"automation {aid}: " + ("in the API, not in the oracle" if aid in known
+                                              else "in the oracle, not in the API"))
     for aid in sorted(set(oracle["node_counts"]) & set(known)):
         rep = reports.get(aid) or {}
         got_nodes = {str(n["step_index"]): {k: n[k] for k in ("done", "waiting", "filtered", "stopped")}

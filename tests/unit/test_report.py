@@ -69,11 +69,13 @@ def test_mailing_totals_missing_extra_and_different_mailings():
     assert _diffs(mailings=[{**MAILINGS[0], "opened": 1}]) == ["mailing a1:0 opened: API 1, oracle 2"]
 
 
-def test_an_automation_of_the_oracle_missing_from_the_api():
+def test_an_automation_on_one_side_only():
     oracle = copy.deepcopy(ORACLE)
     oracle["node_counts"]["a2"] = {}
     oracle["status_counts"]["a2"] = {}
     assert _diffs(oracle=oracle) == ["automation a2: in the oracle, not in the API"]
+    automations = AUTOMATIONS + [{"automation_id": "a0", "steps": []}]
+    assert _diffs(automations=automations) == ["automation a0: in the API, not in the oracle"]
 
 
 @pytest.mark.parametrize("oracle, ok, says", [
