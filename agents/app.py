@@ -108,8 +108,11 @@ COUNTER_KEYS = {
     "mailing_counters": (b"m", counterlib.mailing_counter_row),
 }
 #: the totals table's record saying its partition's totals count every key (from its first batch, or
-#: recounted)
+#: recounted); its value is the counting rule they follow. Totals of an earlier rule are recounted when
+#: the partition is assigned, every key's ``cc`` again from its snapshot. Rule 2: a run with every step
+#: done is completed whatever its status (rule 1 counted finished/completed runs only).
 COUNTED_MARK = b"counted"
+COUNTING_RULE = b"2"
 #: how often counter rows are written: each batch changes totals, the last value per total is written
 #: at most this often (every chDB insert has a fixed cost, 3 more tables per batch would add it)
 COUNTER_FLUSH_SECONDS = 1.0
@@ -643,16 +646,18 @@ class Pipeline:
             for table, table_rows in self.recount(kind, partition, "mismatch").items():
                 _keep_latest(ctx.counter_rows, table, table_rows)
 
-    def recount(self, kind: str, partition: int, cause: str) -> dict[str, list]:
+    def recount(self, kind: str, partition: int, cause: str, rebuild: bool = False) -> dict[str, list]:
         """Count a partition's totals again from every key's ``cc`` (staged writes included), stage them
         and return their rows (a zero row for a total that no key counts any more) and the coverage
-        rows. A key stored before the counters existed (no ``cc``) is counted as its snapshot would
-        be written, and its ``cc`` staged."""
+        rows. A key stored before the counters existed (no ``cc``), or every key with ``rebuild`` (its
+        ``cc`` follows an earlier counting rule), is counted as its snapshot would be written, and its
+        ``cc`` staged."""
         keys_table, totals_table, counter_tables = COUNTED[kind]
         tables = self.tables
         accs: dict[str, dict] = {t: {} for t in counter_tables}
         if kind == "contact":
-            counterlib.contact_totals(self._contact_ccs(partition), accs["node_counters"], accs["status_counters"])
+            counterlib.contact_totals(self._contact_ccs(partition, rebuild), accs["node_counters"],
+                                      accs["status_counters"])
         else:
             counterlib.message_totals(self._message_ccs(partition), accs["mailing_counters"])
         stale = {key for key, _ in tables.items(totals_table, partition) if key != COUNTED_MARK}
@@ -675,23 +680,25 @@ class Pipeline:
             # one from being written
             tables.put(totals_table, partition, record, _dumps(zero))
             out[table].append(build(tuple(orjson.loads(record[1:])), partition, zero, version))
-        tables.put(totals_table, partition, COUNTED_MARK, b"1")
+        tables.put(totals_table, partition, COUNTED_MARK, COUNTING_RULE)
         out["counter_coverage"] = [counterlib.coverage_row(t, partition, self.settings.partitions, version)
                                    for t in counter_tables]
         self.metrics.counters_recounted(f"{kind}s", cause)
         return out
 
-    def _contact_ccs(self, partition: int) -> Iterable[tuple[str, dict | None]]:
+    def _contact_ccs(self, partition: int, rebuild: bool = False) -> Iterable[tuple[str, dict | None]]:
         sep = SEP.encode()
         replicas: dict = {}
         for key, raw in self.tables.items("enrollments", partition):
             state = orjson.loads(raw)
             aid = key.split(sep, 1)[0].decode()
-            if "cc" not in state and state.get("runs"):
+            if (rebuild or "cc" not in state) and state.get("runs"):
                 replica = self._replica(partition, aid, replicas)
                 defn = engine_automation(replica)
-                if defn is None:
-                    continue  # no rows without the definition (see process_contacts)
+                if defn is None:  # no rows without the definition (see process_contacts)
+                    if "cc" in state:
+                        yield aid, state["cc"]
+                    continue
                 snapshot = steps.contact_snapshot(orjson.loads(raw), defn, node_span(replica))
                 state["cc"] = counterlib.count_contact_rows(None, snapshot.rows, {}, {})
                 self.tables.put("enrollments", partition, key, _dumps(state))
@@ -719,8 +726,10 @@ class Pipeline:
         version = self.counter_version()
         for (kind, partition), dirty in sorted(parts.items()):
             totals_table, counter_tables = COUNTED[kind][1], COUNTED[kind][2]
-            if dirty or self.tables.get(totals_table, partition, COUNTED_MARK) is None:
-                found = self.recount(kind, partition, "unclean" if dirty else "first")
+            rule = self.tables.get(totals_table, partition, COUNTED_MARK)
+            if dirty or rule != COUNTING_RULE:
+                cause = "unclean" if dirty else "first" if rule is None else "rule"
+                found = self.recount(kind, partition, cause, rebuild=rule is not None and rule != COUNTING_RULE)
             else:
                 found = {"counter_coverage": [counterlib.coverage_row(t, partition, self.settings.partitions, version)
                                               for t in counter_tables]}

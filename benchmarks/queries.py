@@ -50,7 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sendtrail.api.queries import Page, Period, Queries  # noqa: E402
+from sendtrail.api.queries import COMPLETED_RUN, LEFT_RUN, Page, Period, Queries  # noqa: E402
 from sendtrail.api.routes import add_routes, make_deps_for_client  # noqa: E402
 from sendtrail.clickhouse import connect  # noqa: E402
 from sendtrail.migrate import migrate  # noqa: E402
@@ -166,7 +166,6 @@ def load(client, rows: int) -> dict:
             "contacts": contacts}
 
 
-_COMPLETED = "status = 'finished' AND ifNull(reason, '') = 'completed'"
 # counters table -> (source table FINAL, key columns, column whose hash gives the partition, counter columns
 # with their count over the source's latest rows): what streams/counters.py counts per (key, partition)
 COUNTERS = {
@@ -181,9 +180,9 @@ COUNTERS = {
         ("filtered", "countIf(state = 'filtered')"), ("stopped", "countIf(state = 'stopped')"))),
     "status_counters": ("enrollments", ("automation_id", "status"), "contact_id", (
         ("runs", "count()"), ("contacts", "countIf(run = 0)"), ("ignored_enrollments", "sum(ignored_enrollments)"),
-        ("completed", f"countIf({_COMPLETED})"), ("in_progress", "countIf(current_step > 0)"),
+        ("completed", f"countIf({COMPLETED_RUN})"), ("in_progress", "countIf(current_step > 0)"),
         ("not_started", "countIf(current_step = 0)"),
-        ("left_runs", f"countIf(current_step < 0 AND NOT ({_COMPLETED}))"))),
+        ("left_runs", f"countIf({LEFT_RUN})"))),
 }
 
 

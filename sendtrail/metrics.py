@@ -214,8 +214,8 @@ METRIC_DEFS: tuple[MetricDef, ...] = (
               "changelog_records_written"),
     MetricDef("sendtrail_report_recounts_total", "counter", ("partitions", "cause"),
               "Partitions (contacts|messages) whose report counters were counted from their keys (cause: "
-              "unclean, after a stop that was not clean; first, never counted before; mismatch, totals that "
-              "did not match their keys).",
+              "unclean, after a stop that was not clean; first, never counted before; rule, counted under an "
+              "earlier counting rule; mismatch, totals that did not match their keys).",
               "report_recounts"),
     MetricDef("sendtrail_batches_total", "counter", ("outcome",),
               "Batches of consumed records by outcome (committed|failed; a failed batch is retried "

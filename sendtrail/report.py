@@ -1,8 +1,8 @@
 """``sendtrail report``: a short text report read from the HTTP API (per automation node counts, per mailing totals).
 
 With ``--oracle FILE`` (the expected end state ``sendtrail generate --oracle`` wrote) it also checks the
-API's figures against it: every node count and status count of every automation, and the totals of
-every e-mail mailing (the API's mailings are e-mails only, seed 003), and exits 1 on any difference.
+API's figures against it: every node count and status count of every automation, its completed runs
+(every step done), and the totals of every e-mail mailing (the API's mailings are e-mails only, seed 003), and exits 1 on any difference.
 """
 from __future__ import annotations
 
@@ -115,6 +115,10 @@ def oracle_differences(automations: list[dict], reports: dict[str, dict], mailin
                 want = {k: want[k] for k in got}
             if got != want:
                 diffs.append(f"automation {aid} step {step}: API {got}, oracle {want}")
+        want_done = (oracle.get("completion") or {}).get(aid, {}).get("completed")
+        got_done = (rep.get("completion") or {}).get("completed")
+        if want_done is not None and got_done != want_done:
+            diffs.append(f"automation {aid} completed runs: API {got_done}, oracle {want_done}")
         got_st = {k: v for k, v in (rep.get("statuses") or {}).items() if v}
         want_st = {k: v for k, v in oracle["status_counts"][aid].items() if v}
         for status in sorted(set(got_st) | set(want_st)):
@@ -148,6 +152,6 @@ def print_report(settings: Settings, base_url: str | None, out: IO[str], oracle:
         out.write(f"\nNOT as the oracle expects ({len(diffs)} differences):\n" + "".join(f"  {d}\n" for d in diffs))
         return False
     nodes = sum(len(steps) for steps in oracle["node_counts"].values())
-    out.write(f"\nChecked against the oracle: the counts of all {nodes} nodes and the statuses of "
+    out.write(f"\nChecked against the oracle: the counts of all {nodes} nodes, the statuses and completed runs of "
               f"{len(oracle['node_counts'])} automations, and the totals of {len(mailings)} e-mail mailings, match.\n")
     return True

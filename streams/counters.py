@@ -114,11 +114,12 @@ def message_totals(entries: Iterable[list | None], acc: Totals) -> Totals:
 
 def _status_entry(row: Mapping) -> list:
     """What one ``enrollments`` row counts: [status, completed, step class, ignored enrollments] with
-    the report's completion classes (queries.report): completed = finished/completed; step class 1 =
-    in progress (current_step > 0), 0 = not started (current_step 0), -1 = no current step."""
-    completed = row.get("status") == "finished" and (row.get("reason") or "") == "completed"
+    the report's completion classes (queries.report): step class 1 = in progress (current_step > 0),
+    0 = not started (current_step 0), -1 = no current step; completed = no current step and not
+    filtered out, i.e. every step done (whatever the status: a reply to the last e-mail too)."""
     step = row.get("current_step")
     step = -1 if step is None else int(step)
+    completed = step < 0 and not (row.get("status") == "finished" and row.get("reason") == "filtered")
     return [row.get("status") or "", int(completed), (step > 0) - (step < 0), int(row.get("ignored_enrollments") or 0)]
 
 

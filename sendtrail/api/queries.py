@@ -28,10 +28,11 @@ Period selection (``from`` inclusive, ``to`` exclusive, UTC) of the report:
 * without ``from``/``to`` everything counts.
 
 Completion is positional, as the recipients page defines it: ``completed`` =
-runs with every step done (status finished, reason completed),
-``in_progress`` = at least one step done and steps left, ``not_started`` =
-enrolled, no step done yet (at the first node), and ``left`` = runs that were
-filtered out of the flow before the end (not among the three).
+runs with every step done (no current step and not filtered out: status
+finished/completed, and also a run that replied to, unsubscribed from or bounced
+on its last step), ``in_progress`` = at least one step done and steps left,
+``not_started`` = enrolled, no step done yet (at the first node), and ``left`` =
+runs that were filtered out of the flow before the end (not among the three).
 """
 from __future__ import annotations
 
@@ -48,6 +49,10 @@ from sendtrail.api.export import CsvQuery
 from streams.counters import COUNTER_TABLES
 
 NODE_STATES = ("done", "waiting", "filtered", "stopped")
+#: completion classes of an ``enrollments`` row without a current step (streams.counters counts the same):
+#: every step done (completed, whatever the status), or filtered out of the flow before the end (left)
+COMPLETED_RUN = "current_step < 0 AND NOT (status = 'finished' AND ifNull(reason, '') = 'filtered')"
+LEFT_RUN = "current_step < 0 AND status = 'finished' AND ifNull(reason, '') = 'filtered'"
 CONTACT_STATUSES = (
     "waiting_enrichment", "ready", "active_limit", "coworkers_limit", "in_progress", "paused",
     "not_sent", "bounced", "finished", "canceled", "failed", "unsubscribed", "duplicate",
@@ -672,9 +677,7 @@ class Queries:
         else:
             rows = await self.deps.query(
                 "SELECT status, count(), "
-                "countIf(status = 'finished' AND reason = 'completed'), "
-                "countIf(current_step > 0), countIf(current_step = 0), "
-                "countIf(current_step < 0 AND NOT (status = 'finished' AND ifNull(reason, '') = 'completed')) "
+                f"countIf({COMPLETED_RUN}), countIf(current_step > 0), countIf(current_step = 0), countIf({LEFT_RUN}) "
                 f"FROM {self.t('enrollments')} FINAL {ew.sql()} GROUP BY status ORDER BY status" + FINAL_SETTINGS,
                 ew.params)
         statuses: dict[str, int] = {}

@@ -17,6 +17,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+from sendtrail.api.queries import COMPLETED_RUN, LEFT_RUN
 from sendtrail.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,10 +182,8 @@ END_STATE_QUERIES = {
                        "sum(completed), sum(in_progress), sum(not_started), sum(left_runs) "
                        "FROM sendtrail.status_counters FINAL GROUP BY automation_id, status HAVING sum(runs) > 0",
     "status_final": "SELECT automation_id, status, count(), countIf(run = 0), sum(ignored_enrollments), "
-                    "countIf(status = 'finished' AND ifNull(reason, '') = 'completed'), countIf(current_step > 0), "
-                    "countIf(current_step = 0), countIf(current_step < 0 AND NOT (status = 'finished' "
-                    "AND ifNull(reason, '') = 'completed')) FROM sendtrail.enrollments FINAL "
-                    "GROUP BY automation_id, status",
+                    f"countIf({COMPLETED_RUN}), countIf(current_step > 0), countIf(current_step = 0), "
+                    f"countIf({LEFT_RUN}) FROM sendtrail.enrollments FINAL GROUP BY automation_id, status",
     "mailing_counters": "SELECT mailing_id, channel, automation_id, step_index, sum(total_sent), sum(delivered), "
                         "sum(opened), sum(clicked), sum(bounced), sum(dropped), sum(deferred), sum(spam_reports), "
                         "sum(unsubscribed) FROM sendtrail.mailing_counters FINAL "

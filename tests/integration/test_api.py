@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from sendtrail.api import ROUTES, add_routes, make_deps_for_client
 from sendtrail.api.openapi import OPENAPI
+from sendtrail.api.queries import COMPLETED_RUN, LEFT_RUN
 from tests.integration import api_fixtures as F
 
 pytestmark = pytest.mark.network
@@ -1020,14 +1021,13 @@ def _fill_counters(client, db: str, version: int, *, scale: int = 1, shift: int 
         f"_version) SELECT automation_id, step_index, cityHash64(contact_id) % {partitions} AS p, "
         f"{', '.join(c(f'countIf(state = {s!r})') for s in ('done', 'waiting', 'filtered', 'stopped'))}, {version} "
         f"FROM {db}.node_states FINAL GROUP BY automation_id, step_index, p")
-    completed = "status = 'finished' AND ifNull(reason, '') = 'completed'"
     client.command(
         f"INSERT INTO {db}.status_counters (automation_id, status, partition, runs, contacts, ignored_enrollments, "
         "completed, in_progress, not_started, left_runs, _version) "
         f"SELECT automation_id, status, cityHash64(contact_id) % {partitions} AS p, {c('count()')}, "
-        f"{c('countIf(run = 0)')}, {c('sum(ignored_enrollments)')}, {c(f'countIf({completed})')}, "
+        f"{c('countIf(run = 0)')}, {c('sum(ignored_enrollments)')}, {c(f'countIf({COMPLETED_RUN})')}, "
         f"{c('countIf(current_step > 0)')}, {c('countIf(current_step = 0)')}, "
-        f"{c(f'countIf(current_step < 0 AND NOT ({completed}))')}, {version} "
+        f"{c(f'countIf({LEFT_RUN})')}, {version} "
         f"FROM {db}.enrollments FINAL GROUP BY automation_id, status, p")
 
 

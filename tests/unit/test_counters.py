@@ -83,14 +83,28 @@ def test_merge_reports_totals_that_would_go_below_zero():
 
 # ---- property: the totals are what a FINAL read of the emitted rows counts ---------------------------
 
-STATUSES = ["ready", "in_progress", "paused", "finished"]
+def test_completion_is_positional_every_step_done_is_completed_whatever_the_status():
+    statuses: dict = {}
+    C.count_contact_rows(None, {"enrollments": [
+        enr("finished", -1, run=0, reason="completed"),
+        enr("finished", -1, run=1, reason="replied"),  # replied to the last e-mail: every step done
+        enr("unsubscribed", -1, run=2, reason="unsubscribed"),
+        enr("finished", -1, run=3, reason="filtered"),  # filtered out before the end: left
+        enr("finished", 1, run=4, reason="replied"),  # replied with steps left: stopped at step 1
+    ]}, {}, statuses)
+    got = named(statuses, C.STATUS_COUNTERS)
+    assert got[("a1", "finished")] == {"runs": 4, "contacts": 1, "completed": 2, "left_runs": 1, "in_progress": 1}
+    assert got[("a1", "unsubscribed")] == {"runs": 1, "completed": 1}
+
+
+STATUSES = ["ready", "in_progress", "paused", "finished", "unsubscribed"]
 STATES = ["done", "waiting", "filtered", "stopped", "none"]
 
 enrollment_rows = st.builds(
     lambda aid, run, status, step, reason, ignored: enr(status, step, run=run, reason=reason, ignored=ignored,
                                                         aid=aid),
     st.sampled_from(["a1", "a2"]), st.integers(0, 2), st.sampled_from(STATUSES), st.integers(-1, 3),
-    st.sampled_from([None, "completed", "filtered"]), st.integers(0, 2))
+    st.sampled_from([None, "completed", "filtered", "replied"]), st.integers(0, 2))
 node_rows = st.builds(lambda aid, run, step, state: node(step, state, run=run, aid=aid),
                       st.sampled_from(["a1", "a2"]), st.integers(0, 2), st.integers(0, 3), st.sampled_from(STATES))
 message_rows = st.builds(lambda mid, mailing, flags: msg(mid, mailing, **{f: 1 for f in flags}),
@@ -133,8 +147,8 @@ def test_contact_totals_equal_the_count_of_the_latest_rows(batches):
     expected_statuses: dict = {}
     for row in final_counts(emitted["enrollments"], ("automation_id", "contact_id", "run")).values():
         slot = expected_statuses.setdefault((row["automation_id"], row["status"]), {})
-        completed = row["status"] == "finished" and row["reason"] == "completed"
         step = row["current_step"]
+        completed = step < 0 and not (row["status"] == "finished" and row["reason"] == "filtered")
         for name, value in (("runs", 1), ("contacts", int(row["run"] == 0)),
                             ("ignored_enrollments", row["ignored_enrollments"]), ("completed", int(completed)),
                             ("in_progress", int(step > 0)), ("not_started", int(step == 0)),

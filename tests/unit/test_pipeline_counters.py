@@ -10,7 +10,7 @@ import orjson
 import pytest
 from aiokafka import TopicPartition
 
-from agents.app import COUNTED_MARK, Pipeline
+from agents.app import COUNTED_MARK, COUNTING_RULE, Pipeline
 from sendtrail.clickhouse import TABLE_COLUMNS
 from streams import counters as C
 from streams.generator import generate
@@ -93,8 +93,8 @@ def expected_counts(rows: dict) -> dict:
             nodes[(r["automation_id"], r["step_index"])][C.NODE_COUNTERS.index(r["state"])] += 1
     statuses: dict = defaultdict(lambda: [0] * 7)
     for r in latest("enrollments", ("automation_id", "contact_id", "run")):
-        completed = r["status"] == "finished" and (r["reason"] or "") == "completed"
-        step = r["current_step"]
+        step = r["current_step"]  # completed: every step done (no current step), not filtered out
+        completed = step < 0 and not (r["status"] == "finished" and r["reason"] == "filtered")
         for i, v in enumerate((1, r["run"] == 0, r["ignored_enrollments"], completed, step > 0, step == 0,
                                step < 0 and not completed)):
             statuses[(r["automation_id"], r["status"])][i] += int(v)
@@ -190,6 +190,47 @@ def test_a_recovery_recounts_the_totals_from_the_keys(tmp_path, workload, lost):
         assert replay.tables.get("message-counters", p, COUNTED_MARK) is not None
     if lost == "cc":  # the keys now carry what they counted
         assert all("cc" in orjson.loads(v) for _, v in replay.tables.items("messages", 0))
+
+
+def test_totals_of_the_earlier_counting_rule_are_recounted_from_the_keys_snapshots(tmp_path, workload):
+    """Rule 1 counted only finished/completed runs as completed; rule 2 every run with every step done. A
+    partition counted under rule 1 (its mark says 1, its keys' ``cc`` and totals follow rule 1) is
+    recounted on assignment, each key from its snapshot: keys that the later batches do not touch are
+    counted by rule 2 too."""
+    driver = Driver(local_pipeline(tmp_path / "p", PARTITIONS))
+    driver.assign()
+    half = len(workload.events) // 2
+    driver.run(workload.events[:half], 400)
+    tables = driver.p.tables
+    downgraded = 0
+    for p in range(PARTITIONS):
+        ccs = []
+        for key, raw in list(tables.items("enrollments", p)):
+            state = orjson.loads(raw)
+            for entry in (state.get("cc") or {}).get("r", {}).values():
+                status, completed, klass, _ = entry
+                if completed and status != "finished":  # every step done, then e.g. unsubscribed
+                    entry[1] = 0
+                    downgraded += 1
+            tables.put("enrollments", p, key, orjson.dumps(state))
+            ccs.append((key.split(b"\x1f", 1)[0].decode(), state.get("cc")))
+        nodes: dict = {}
+        statuses: dict = {}
+        C.contact_totals(ccs, nodes, statuses)
+        for key, _ in list(tables.items("contact-counters", p)):
+            if key[:1] == b"s":
+                tables.put("contact-counters", p, key, orjson.dumps([0] * 7))
+        for total, counts in statuses.items():
+            tables.put("contact-counters", p, b"s" + orjson.dumps(total), orjson.dumps(counts))
+        tables.put("contact-counters", p, COUNTED_MARK, b"1")
+    assert downgraded  # the workload has runs that did every step and then left with another status
+    driver.assign()
+    driver.run(workload.events[half:], 400)
+    assert counter_counts(driver.rows) == nonzero(expected_counts(driver.rows))
+    recounts = driver.p.metrics.report_recounts
+    assert recounts.labels(partitions="contacts", cause="rule")._value.get() == PARTITIONS
+    assert recounts.labels(partitions="contacts", cause="mismatch")._value.get() == 0
+    assert all(tables.get("contact-counters", p, COUNTED_MARK) == COUNTING_RULE for p in range(PARTITIONS))
 
 
 def test_totals_that_do_not_match_their_keys_are_recounted_not_taken_below_zero(tmp_path, workload):

@@ -26,6 +26,8 @@ ORACLE = {
     "node_counts": {"a1": {"0": {"done": 5, "filtered": 0, "stopped": 2, "waiting": 1},
                            "1": {"done": 3, "filtered": 0, "stopped": 0, "waiting": 2}}},
     "status_counts": {"a1": {"bounced": 2, "finished": 3, "in_progress": 3}},
+    # the oracle's in_progress / not_started put filtered runs by their steps, the API apart (left)
+    "completion": {"a1": {"completed": 3, "in_progress": 4, "not_started": 1}},
     # the LinkedIn step's "mailing" is not an e-mail: the API does not list it, the check skips it
     "mailings": {"a1:0": dict(MAILING), "a1:1": {**MAILING, "total_sent": 3, "delivered": 0}},
 }
@@ -62,6 +64,12 @@ def test_status_counts_compare_per_status_zero_counts_being_absent():
                                        "automation a1 status unsubscribed: API 1, oracle 0"]
 
 
+def test_completed_runs_are_compared():
+    reports = copy.deepcopy(REPORTS)
+    reports["a1"]["completion"]["completed"] = 2
+    assert _diffs(reports=reports) == ["automation a1 completed runs: API 2, oracle 3"]
+
+
 def test_mailing_totals_missing_extra_and_different_mailings():
     assert _diffs(mailings=[]) == ["mailing a1:0: not in the API"]
     extra = MAILINGS + [{"mailing_id": "a1:9", **MAILING}]
@@ -80,8 +88,8 @@ def test_an_automation_on_one_side_only():
 
 @pytest.mark.parametrize("oracle, ok, says", [
     (None, True, None),
-    (ORACLE, True, "Checked against the oracle: the counts of all 2 nodes and the statuses of 1 automations, "
-                   "and the totals of 1 e-mail mailings, match."),
+    (ORACLE, True, "Checked against the oracle: the counts of all 2 nodes, the statuses and completed runs of 1 "
+                   "automations, and the totals of 1 e-mail mailings, match."),
     ({**ORACLE, "status_counts": {"a1": {"finished": 8}}}, False, "NOT as the oracle expects (3 differences):"),
 ])
 def test_print_report_prints_the_tables_and_the_verdict(monkeypatch, oracle, ok, says):
