@@ -25,9 +25,10 @@ kept):
 - ``automation.paused``/``resumed`` are fanned out by the pipeline to the
   enrollments that exist *when they are processed*; the plan makes that
   invisible in the end state: nothing of a paused automation happens during
-  its pause window, and a run that would be held (paused, not_sent, bounced)
-  when the automation is paused is re-planned to start after the resume, so
-  the pause hold and the resume cancel out whether a run is reached or not;
+  its pause window, and the resume ends the pause of every run that got it,
+  leaving the runs' own holds (paused, not_sent, bounced, out of office) as
+  they were, so the pause and the resume cancel out whether a run is reached
+  or not;
 - ``automation.archived`` cannot be made order-independent under the
   fan-out rule (it cancels the runs that are open when it is processed): it
   is produced last, after every event of the automation's contacts, when
@@ -510,40 +511,6 @@ class _Gen:
             return True
         raise AssertionError(kind)
 
-    def paused_story(self, a: _Automation, c: _Contact, v0: float) -> RunPlan | None:
-        """A story in an automation that is paused during ``a.pause``.
-
-        The pause/resume fan-out must leave no visible trace in the end state,
-        whenever it is processed: a run that would be held (paused, not_sent,
-        bounced) when the automation is paused is re-planned to start after
-        the automation was resumed. (Per semantics.md, ``automation.resumed``
-        would otherwise release *every* hold, bounced and out-of-office ones
-        included, and only for the runs that exist when it is processed.)
-        """
-        t1, t2 = a.pause
-        idx = [s["index"] for s in a.steps]
-        mark = (len(self.items), len(self.recipients), self.msg_n, self.ignored)
-        run = self.story(a, c, v0)
-        if run is None or run.enrolled_at >= t1:
-            return run
-        if derive_run(run, idx, t1, cutoff=t1)["status"] not in ("paused", "not_sent", "bounced"):
-            return run
-        # roll the story back and start it after the pause
-        n_items, n_rec, msg_n, ignored = mark
-        del self.items[n_items:]
-        del self.recipients[n_rec:]
-        for i in range(msg_n + 1, self.msg_n + 1):
-            for prefix in ("msg", "li", "task", "wait", "cond"):
-                self.messages.pop(f"{prefix}-{self.seed}-{i:07d}", None)
-        self.msg_n = msg_n
-        self.ignored = ignored
-        shift = a.clock(t1) - t1
-        hi = a.t_end - self.span * 0.06 - shift
-        lo = t1 - HOUR + 1
-        if hi <= lo:
-            return None
-        return self.story(a, c, self.rng.uniform(lo, hi))
-
     # ------------------------------------------------------------------ messages
 
     def send(self, a: _Automation, c: _Contact, run: RunPlan, k: int, t: int) -> str:
@@ -787,10 +754,10 @@ class _Gen:
                 e2 = self.emit(AUTOMATIONS, a.aid, "automation.resumed", t2, {"automation_id": a.aid})
                 for run in a.runs:
                     if run.enrolled_at < t1 and derive_run(run, idx, t1, cutoff=t1)["status"] not in ENDED:
-                        run.add(t1, e1, "hold", status="paused", reason="automation_paused", resume_at=None)
+                        run.add(t1, e1, "automation_paused")
                 for run in a.runs:
-                    if run.enrolled_at < t2 and derive_run(run, idx, t2, cutoff=t2)["status"] not in ENDED:
-                        run.add(t2, e2, "resumed")
+                    if run.enrolled_at < t2:
+                        run.add(t2, e2, "automation_resumed")
             if a.archive_at is not None:
                 ta = a.archive_at
                 e = self.emit(AUTOMATIONS, a.aid, "automation.archived", ta, {"automation_id": a.aid})
@@ -906,10 +873,7 @@ class _Gen:
                     runs = self.multi_run(a, c, a.clock(v0))
                     a.runs.extend(runs)
                     continue
-                if a.pause is not None:
-                    run = self.paused_story(a, c, v0)
-                else:
-                    run = self.story(a, c, v0)
+                run = self.story(a, c, v0)
                 if run is None:
                     continue
                 a.runs.append(run)

@@ -121,8 +121,9 @@ def run_key(automation_id: str, contact_id: str, run: int) -> str:
 class Fact:
     """One fact of a run, as ``docs/semantics.md`` names them.
 
-    ``kind``: ``enriched``, ``terminal``, ``hold``, ``resumed``, ``limit``,
-    ``started``, ``done``, ``send``, ``settled``. ``data`` holds the rest
+    ``kind``: ``enriched``, ``terminal``, ``hold``, ``resumed``,
+    ``automation_paused``, ``automation_resumed``, ``limit``, ``started``,
+    ``done``, ``send``, ``settled``. ``data`` holds the rest
     (status, reason, resume_at, limit kind, step_index, message_id, ...).
     """
 
@@ -179,7 +180,7 @@ def derive_run(run: RunPlan, steps: list[int], now: int, cutoff: int | None = No
     which timed holds have been resumed.
     """
     facts = run.facts if cutoff is None else [f for f in run.facts if f.at < cutoff]
-    terminal = hold = resumed = limit = None
+    terminal = hold = resumed = limit = apause = aresumed = None
     enriched = started = False
     done: dict[int, int] = {}
     for f in facts:
@@ -193,6 +194,12 @@ def derive_run(run: RunPlan, steps: list[int], now: int, cutoff: int | None = No
         elif k == "resumed":
             if resumed is None or f.order > resumed.order:
                 resumed = f
+        elif k == "automation_paused":
+            if apause is None or f.order > apause.order:
+                apause = f
+        elif k == "automation_resumed":
+            if aresumed is None or f.order > aresumed.order:
+                aresumed = f
         elif k == "limit":
             if limit is None or f.order > limit.order:
                 limit = f
@@ -210,6 +217,12 @@ def derive_run(run: RunPlan, steps: list[int], now: int, cutoff: int | None = No
         ra = hold.data.get("resume_at")
         if ra is not None and ra <= now:
             active_hold = False
+    # the automation's pause holds the run until the automation is resumed, whatever the contact's
+    # own hold; when both hold it, the later one shows
+    paused = apause is not None and (aresumed is None or apause.order > aresumed.order)
+    if paused and (not active_hold or apause.order > hold.order):
+        active_hold = True
+        hold = Fact(apause.at, apause.event_id, "hold", {"status": "paused", "reason": "automation_paused"})
     last = max(steps)
     if terminal is not None:
         status, reason = terminal.data["status"], terminal.data["reason"]

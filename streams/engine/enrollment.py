@@ -21,6 +21,8 @@ State layout (plain JSON-serializable dicts and lists; int keys stored as str)::
            "terminal": None | [at, event_id, status, reason, step_index, event_type],   # earliest
            "hold": None | [at, event_id, status, reason, resume_at],                  # latest
            "resumed": None | [at, event_id],                                          # latest
+           "ap": [at, event_id], "ar": [at, event_id],   # the automation's pause and resume, latest
+                                                         # each (absent until the first fan-out)
            "limit": None | [at, event_id, kind],                                      # latest
            "started_at": None | ms,                               # earliest
            "claim_from": None | ms, "last_at": ms,                # run choice of run-less events
@@ -42,6 +44,12 @@ emitted derivation are flat maps and plain values rather than one more list per 
 (maps of plain values are not tracked by the collector). States of the earlier layout (``"d":
 None | [status, reason, nodes]``, ``"sends": {message_id: [step_index, at, event_id]}``, the three
 lists always present) are converted when first read (_upgrade).
+
+The automation's pause is a fact of its own, apart from the contact's hold: resuming the
+automation ends its pause and leaves the contact's own hold (out of office, bounce, manual pause,
+not sent) in place; resuming the contact does not end the automation's pause. States written
+before that kept the automation's pause as their hold (reason ``automation_paused``): such a hold
+is also released by the automation's resume (_released).
 
 Auto-resume (out-of-office) is *derived*: a hold whose ``resume_at <= now`` is
 not active. ``now`` only grows, so this is order-independent (see the module
@@ -277,6 +285,32 @@ def _hold_active(h, resumed, now) -> bool:
     return ra is None or ra > now
 
 
+def _released(run, h):
+    """What releases the contact's hold ``h``: the latest ``contact.resumed``; for a hold of the
+    earlier layout that is the automation's pause (reason automation_paused), the automation's
+    resume too."""
+    r = run["resumed"]
+    if h[3] == "automation_paused":
+        ar = run.get("ar")
+        if ar is not None and (r is None or later(ar, r)):
+            return ar
+    return r
+
+
+def _held(run, now):
+    """(at, event_id, status, reason, resume_at) of what holds the run, or None: the contact's active
+    hold or the automation's active pause, the later of the two when both are."""
+    h = run["hold"]
+    if h is not None and not _hold_active(h, _released(run, h), now):
+        h = None
+    ap = run.get("ap")
+    if ap is not None:
+        ar = run.get("ar")
+        if (ar is None or later(ap, ar)) and (h is None or later(ap, h)):
+            return [ap[0], ap[1], "paused", "automation_paused", None]
+    return h
+
+
 def _archive_terminal(run, steps):
     """The archive's effect on a run, derived from facts so that it does not depend on arrival order.
 
@@ -321,8 +355,8 @@ def _status(run, steps, now):
 
 def _open_status(run, steps, now):
     """Status of a run without a terminal fact (rules 2-7 of docs/semantics.md)."""
-    h = run["hold"]
-    if h is not None and _hold_active(h, run["resumed"], now):
+    h = _held(run, now)
+    if h is not None:
         return h[2], h[3], "h"
     if steps is not None and steps[1] is not None and run["max_done"] >= steps[1] and steps[4] in run["done"]:
         return "finished", "completed", "c"
@@ -378,9 +412,13 @@ def _refresh(state, run, steps, now, eid, etype, at, out, waits) -> bool:
         reason = t[3]
     else:
         h = run["hold"]
-        r = None if h is None else run["resumed"]
-        if h is not None and (r is None or h[0] > r[0] or (h[0] == r[0] and h[1] > r[1])) and (
-                h[4] is None or h[4] > now):
+        if h is not None:
+            r = run["resumed"] if h[3] != "automation_paused" else _released(run, h)
+            if not ((r is None or h[0] > r[0] or (h[0] == r[0] and h[1] > r[1])) and (h[4] is None or h[4] > now)):
+                h = None
+        if "ap" in run:
+            h = _held(run, now)
+        if h is not None:
             status = h[2]
             reason = h[3]
         elif steps is not None and steps[1] is not None and run["max_done"] >= steps[1] and steps[4] in run["done"]:
@@ -735,18 +773,29 @@ def _open_runs(state, steps, now):
     return [r for r in state["runs"] if _status(r, steps, now)[0] not in ENDED]
 
 
+def _set_latest(run, name, at, eid) -> bool:
+    cur = run.get(name)
+    if cur is None or at > cur[0] or (at == cur[0] and eid > cur[1]):
+        run[name] = [at, eid]
+        return True
+    return False
+
+
 def _h_automation_paused(state, ev, automation, steps, now, regs, run):
+    """The automation's pause holds the runs open when it is processed (an ended run stays ended)."""
     touched = []
     for run in _open_runs(state, steps, now):
-        if _set_hold(run, ev["occurred_at"], ev["event_id"], "paused", "automation_paused", None):
+        if _set_latest(run, "ap", ev["occurred_at"], ev["event_id"]):
             touched.append(run)
     return bool(touched), touched
 
 
 def _h_automation_resumed(state, ev, automation, steps, now, regs, run):
+    """The automation's resume ends its pause on every run (on an ended one it changes nothing
+    visible); the contacts' own holds stay."""
     touched = []
-    for run in _open_runs(state, steps, now):
-        if _set_resumed(run, ev["occurred_at"], ev["event_id"]):
+    for run in state["runs"]:
+        if _set_latest(run, "ar", ev["occurred_at"], ev["event_id"]):
             touched.append(run)
     return bool(touched), touched
 
@@ -936,7 +985,7 @@ def next_resume_at(state: dict) -> int | None:
         h = run["hold"]
         if h is None or h[4] is None or run["terminal"] is not None:
             continue
-        if _hold_active(h, run["resumed"], now) and (best is None or h[4] < best):
+        if _hold_active(h, _released(run, h), now) and (best is None or h[4] < best):
             best = h[4]
     return best
 
@@ -949,11 +998,16 @@ def _status_at(run, src, now, steps=None):
         return t[0]
     h = run["hold"]
     if src == "h":
-        return h[0]
+        return _held(run, now)[0]
     res = run["resumed"]
     rel = res[0] if res is not None else None
     if h is not None and h[4] is not None and h[4] <= now and (res is None or later(h, res)):
         rel = max_opt(rel, h[4])
+    ar = run.get("ar")
+    if ar is not None:
+        ap = run.get("ap")
+        if (ap is not None and later(ar, ap)) or (h is not None and h[3] == "automation_paused" and later(ar, h)):
+            rel = max_opt(rel, ar[0])  # the automation's resume ended its pause
     lim = run["limit"]
     lim_at = lim[0] if lim is not None else None
     enrolled = run["enrolled"]

@@ -337,6 +337,71 @@ def test_automation_paused_and_resumed_fan_out():
     assert status(s) == ("in_progress", None)
 
 
+HOLDS = {
+    "out_of_office": (ev("outcome.auto_replied", 2, eid="h", message_id="m0"), ("paused", "out_of_office")),
+    "bounce": (ev("outcome.bounced", 2, eid="h", message_id="m0", reason="hard_bounce"), ("bounced", "hard_bounce")),
+    "manual pause": (ev("contact.paused", 2, eid="h", reason="vacation"), ("paused", "vacation")),
+    "not sent": (ev("step.not_sent", 2, eid="h", step_index=1, reason="no_email"), ("not_sent", "no_email")),
+}
+
+
+@pytest.mark.parametrize("hold", list(HOLDS))
+@pytest.mark.parametrize("order", ["hold first", "pause first"])
+def test_resuming_the_automation_leaves_the_contacts_own_hold(hold, order):
+    """Seed 004: the master switch pauses the contacts until it is flipped back on; a contact held
+    for its own reason (out of office, bounce, manual pause, not sent) stays held after that."""
+    held_event, held = HOLDS[hold]
+    pause = ev("automation.paused", 1 if order == "pause first" else 3, eid="ap", cid=None)
+    resume = ev("automation.resumed", 4, eid="ar", cid=None)
+    s, _, _ = run_seq([enrolled(), ev("step.sent", 1, message_id="m0")])
+    for events in itertools.permutations([dict(held_event), dict(pause)]):
+        t, _, _ = run_seq(events, state=orjson.loads(orjson.dumps(s)))
+        # while both hold the contact, the later one shows
+        assert status(t) == (held if order == "pause first" else ("paused", "automation_paused"))
+        t, ch, _ = run_seq([dict(resume)], state=t)
+        assert status(t) == held
+        assert [(c["from"], c["to"], c["reason"]) for c in ch if c["kind"] == "contact_status"] == (
+            [] if order == "pause first" else [("paused", held[0], held[1])])
+        t, _, _ = run_seq([ev("contact.resumed", 5)], state=t)
+        assert status(t) == ("in_progress", None)
+
+
+def test_resuming_the_contact_does_not_end_the_automations_pause():
+    s, _, _ = run_seq([enrolled(), ev("step.sent", 1), ev("automation.paused", 2, cid=None),
+                       ev("contact.resumed", 3)])
+    assert status(s) == ("paused", "automation_paused")
+    s, ch, _ = run_seq([ev("automation.resumed", 4, cid=None)], state=s)
+    assert status(s) == ("in_progress", None)
+    assert E.view(s, ONCE)[0]["status_at"] == T0 + 4 * MIN
+    assert [(c["from"], c["to"]) for c in ch if c["kind"] == "contact_status"] == [("paused", "in_progress")]
+
+
+def test_out_of_office_return_date_passing_during_the_automations_pause():
+    back = T0 + 2 * DAY
+    s, _, _ = run_seq([enrolled(), ev("step.sent", 1, message_id="m0"),
+                       ev("outcome.auto_replied", 2, message_id="m0", return_at=back),
+                       ev("automation.paused", 3, cid=None)])
+    assert status(s) == ("paused", "automation_paused") and E.next_resume_at(s) == back
+    r = E.tick(s, ONCE, back + 1)
+    assert r.changes == [] and status(r.state) == ("paused", "automation_paused")
+    s, _, _ = run_seq([ev("automation.resumed", back + 5 * MIN, cid=None)], state=r.state)
+    assert status(s) == ("in_progress", None)
+
+
+def test_automation_pause_kept_as_a_hold_by_earlier_states_is_released_by_the_automations_resume():
+    """Before the automation's pause was a fact of its own, the fan-out stored it as the run's hold
+    (reason automation_paused); a resume of the automation processed after the upgrade releases it."""
+    legacy = [enrolled(), ev("step.sent", 1), ev("contact.paused", 2, eid="ap", reason="automation_paused")]
+    s, _, _ = run_seq(legacy)
+    assert s["runs"][0]["hold"][3] == "automation_paused" and "ap" not in s["runs"][0]
+    assert status(s) == ("paused", "automation_paused")
+    t, ch, _ = run_seq([ev("automation.resumed", 3, cid=None)], state=orjson.loads(orjson.dumps(s)))
+    assert status(t) == ("in_progress", None) and E.view(t, ONCE)[0]["status_at"] == T0 + 3 * MIN
+    assert [(c["from"], c["to"]) for c in ch if c["kind"] == "contact_status"] == [("paused", "in_progress")]
+    t, _, _ = run_seq([ev("automation.resumed", 1, cid=None)], state=orjson.loads(orjson.dumps(s)))
+    assert status(t) == ("paused", "automation_paused")  # a resume before the pause releases nothing
+
+
 def test_fan_out_skips_ended_runs():
     s, _, _ = run_seq([enrolled(), ev("contact.finished", 1, reason="manual")])
     for t in ("automation.paused", "automation.archived"):
