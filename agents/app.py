@@ -800,27 +800,33 @@ def write_token(table: str) -> str:
     return f"{table}:{_TOKEN_SALT}:{next(_WRITE_SEQ)}"
 
 
-_ARCHIVED_DEFNS: dict[int, tuple[dict, dict]] = {}  # id(replica) -> (replica, its engine definition)
+_LIFECYCLE_DEFNS: dict[int, tuple[dict, dict]] = {}  # id(replica) -> (replica, its engine definition)
 
 
 def engine_automation(replica: dict | None) -> dict | None:
-    """What the engine is given: the definition, plus the archive time once archived.
+    """What the engine is given: the definition, plus the archive time once archived, and the time
+    of the pause while the automation is paused (``paused_at``).
 
     The same replica object gives the same definition object (the engine caches per-automation
-    step metadata by definition object): an archived one is built once, not per event.
+    step metadata by definition object): an archived or paused one is built once, not per event.
     """
     if replica is None or replica.get("defn") is None:
         return None
     archived_at = replica.get("archived_at")
-    if archived_at is None:
+    paused_at = replica.get("lifecycle_at") if replica.get("status") == "paused" else None
+    if archived_at is None and paused_at is None:
         return replica["defn"]
-    cached = _ARCHIVED_DEFNS.get(id(replica))
+    cached = _LIFECYCLE_DEFNS.get(id(replica))
     if cached is not None and cached[0] is replica:  # the entry holds the replica: its id is not reused
         return cached[1]
-    if len(_ARCHIVED_DEFNS) >= 1024:
-        _ARCHIVED_DEFNS.clear()
-    defn = {**replica["defn"], "archived_at": archived_at}
-    _ARCHIVED_DEFNS[id(replica)] = (replica, defn)
+    if len(_LIFECYCLE_DEFNS) >= 1024:
+        _LIFECYCLE_DEFNS.clear()
+    defn = dict(replica["defn"])
+    if archived_at is not None:
+        defn["archived_at"] = archived_at
+    if paused_at is not None:
+        defn["paused_at"] = paused_at
+    _LIFECYCLE_DEFNS[id(replica)] = (replica, defn)
     return defn
 
 

@@ -103,7 +103,8 @@ _steps_cache: dict = {}
 def _steps(automation):
     """Step info of an automation, or None when it is unknown, computed once per automation object:
 
-    (sorted step indices, last index, archived_at, {index or -1: (next index, its str) or None}, str(last)).
+    (sorted step indices, last index, archived_at, {index or -1: (next index, its str) or None}, str(last),
+    paused_at).
     The map gives the node after the last done one (_current) without a bisect for every known index.
     """
     if automation is None:
@@ -116,7 +117,8 @@ def _steps(automation):
     for pos, m in enumerate([-1] + idx):
         nxt[m] = (idx[pos], str(idx[pos])) if pos < len(idx) else None
     last = idx[-1] if idx else None
-    info = (idx, last, automation.get("archived_at"), nxt, None if last is None else str(last))
+    info = (idx, last, automation.get("archived_at"), nxt, None if last is None else str(last),
+            automation.get("paused_at"))
     if len(_steps_cache) > 512:
         _steps_cache.clear()
     _steps_cache[id(automation)] = (automation, info)
@@ -297,17 +299,27 @@ def _released(run, h):
     return r
 
 
-def _held(run, now):
+def _held(run, now, steps):
     """(at, event_id, status, reason, resume_at) of what holds the run, or None: the contact's active
-    hold or the automation's active pause, the later of the two when both are."""
+    hold or the automation's active pause, the later of the two when both are.
+
+    The automation's pause is active on a run when the fan-out paused it and no later resume
+    reached it, or when the definition says the automation is paused now (``paused_at``, from the
+    worker's replica) and the run has not completed its steps: that covers runs whose events came
+    after the fan-out (enrolled while the automation is paused, or reordered past it)."""
     h = run["hold"]
     if h is not None and not _hold_active(h, _released(run, h), now):
         h = None
     ap = run.get("ap")
     if ap is not None:
         ar = run.get("ar")
-        if (ar is None or later(ap, ar)) and (h is None or later(ap, h)):
-            return [ap[0], ap[1], "paused", "automation_paused", None]
+        if ar is not None and not later(ap, ar):
+            ap = None
+    if steps is not None and steps[5] is not None and (ap is None or steps[5] < ap[0]) and not (
+            steps[1] is not None and run["max_done"] >= steps[1] and steps[4] in run["done"]):
+        ap = [steps[5], ""]
+    if ap is not None and (h is None or later(ap, h)):
+        return [ap[0], ap[1], "paused", "automation_paused", None]
     return h
 
 
@@ -355,7 +367,7 @@ def _status(run, steps, now):
 
 def _open_status(run, steps, now):
     """Status of a run without a terminal fact (rules 2-7 of docs/semantics.md)."""
-    h = _held(run, now)
+    h = _held(run, now, steps)
     if h is not None:
         return h[2], h[3], "h"
     if steps is not None and steps[1] is not None and run["max_done"] >= steps[1] and steps[4] in run["done"]:
@@ -416,8 +428,8 @@ def _refresh(state, run, steps, now, eid, etype, at, out, waits) -> bool:
             r = run["resumed"] if h[3] != "automation_paused" else _released(run, h)
             if not ((r is None or h[0] > r[0] or (h[0] == r[0] and h[1] > r[1])) and (h[4] is None or h[4] > now)):
                 h = None
-        if "ap" in run:
-            h = _held(run, now)
+        if "ap" in run or (steps is not None and steps[5] is not None):
+            h = _held(run, now, steps)
         if h is not None:
             status = h[2]
             reason = h[3]
@@ -998,7 +1010,7 @@ def _status_at(run, src, now, steps=None):
         return t[0]
     h = run["hold"]
     if src == "h":
-        return _held(run, now)[0]
+        return _held(run, now, steps)[0]
     res = run["resumed"]
     rel = res[0] if res is not None else None
     if h is not None and h[4] is not None and h[4] <= now and (res is None or later(h, res)):

@@ -402,6 +402,34 @@ def test_automation_pause_kept_as_a_hold_by_earlier_states_is_released_by_the_au
     assert status(t) == ("paused", "automation_paused")  # a resume before the pause releases nothing
 
 
+def test_a_contact_enrolled_while_the_automation_is_paused_is_paused_until_it_is_resumed():
+    """The definition the worker passes says since when the automation is paused: runs whose events
+    come after the fan-out (enrolled during the pause, or reordered past it) are paused too."""
+    paused = dict(ONCE, paused_at=T0 + 1 * MIN)
+    s, ch, _ = run_seq([enrolled()], automation=paused)
+    assert status(s, paused) == ("paused", "automation_paused")
+    assert E.view(s, paused)[0]["status_at"] == T0 + 1 * MIN
+    assert [(c["to"], c["reason"]) for c in ch if c["kind"] == "contact_status"] == [("paused", "automation_paused")]
+    # the resume fan-out reaches the run; the definition no longer says paused
+    s, ch, _ = run_seq([ev("automation.resumed", 4, cid=None)], automation=ONCE, state=s)
+    assert status(s) == ("ready", None)
+    assert [(c["from"], c["to"]) for c in ch if c["kind"] == "contact_status"] == [("paused", "ready")]
+    # a contact's own hold still shows when it is later than the pause, and after the resume
+    s, _, _ = run_seq([enrolled(), ev("step.sent", 1, message_id="m0"),
+                       ev("outcome.bounced", 2, message_id="m0", reason="block")], automation=paused)
+    assert status(s, paused) == ("bounced", "block")
+    assert status(s, ONCE) == ("bounced", "block")
+
+
+def test_a_run_that_completed_its_steps_is_not_paused_by_the_definition():
+    paused = dict(ONCE, paused_at=T0 + 9 * MIN)
+    done = [enrolled()] + [ev("step.sent", 1 + k, step_index=k) for k in range(3)]
+    s, _, _ = run_seq(done, automation=paused)
+    assert status(s, paused) == ("finished", "completed")
+    s, _, _ = run_seq(done[:2], automation=paused)
+    assert status(s, paused) == ("paused", "automation_paused")
+
+
 def test_fan_out_skips_ended_runs():
     s, _, _ = run_seq([enrolled(), ev("contact.finished", 1, reason="manual")])
     for t in ("automation.paused", "automation.archived"):

@@ -246,6 +246,22 @@ def test_an_archived_automation_gives_the_engine_one_definition_object():
     assert engine_automation(live) is live["defn"] and engine_automation(None) is None
 
 
+def test_a_paused_automation_gives_the_engine_its_pause_time_until_it_is_resumed():
+    from agents.app import apply_automation_event, engine_automation
+
+    published = {"type": "automation.published", "occurred_at": 1, "automation_id": "a1", "steps": [], "version": 1}
+    replica = apply_automation_event(None, published)
+    assert "paused_at" not in engine_automation(replica)
+    paused = apply_automation_event(replica, {"type": "automation.paused", "occurred_at": 5, "automation_id": "a1"})
+    defn = engine_automation(paused)
+    assert defn["paused_at"] == 5 and engine_automation(paused) is defn
+    resumed = apply_automation_event(paused, {"type": "automation.resumed", "occurred_at": 9, "automation_id": "a1"})
+    assert "paused_at" not in engine_automation(resumed)
+    # a pause older than the resume (reordered) does not pause it again
+    late = apply_automation_event(resumed, {"type": "automation.paused", "occurred_at": 7, "automation_id": "a1"})
+    assert "paused_at" not in engine_automation(late)
+
+
 def test_events_parked_earlier_go_before_a_new_one_once_the_definition_is_known():
     """A recovery can give a key the events parked while its automation was unknown together with the
     definition (the unpark that followed was lost with the crashed attempt). The next events of the key
