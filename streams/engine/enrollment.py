@@ -1018,7 +1018,14 @@ def _status_at(run, src, now, steps=None):
     ar = run.get("ar")
     if ar is not None:
         ap = run.get("ap")
-        if (ap is not None and later(ar, ap)) or (h is not None and h[3] == "automation_paused" and later(ar, h)):
+        if ap is not None:
+            ended_pause = later(ar, ap)
+        else:
+            # No pause fact: the run had ended or completed its steps when the fan-out paused the
+            # others (the resume changed nothing for it), or only the definition paused it (it was
+            # enrolled during the pause, or its events came after the fan-out).
+            ended_pause = src != "c" or (h is not None and h[3] == "automation_paused" and later(ar, h))
+        if ended_pause:
             rel = max_opt(rel, ar[0])  # the automation's resume ended its pause
     lim = run["limit"]
     lim_at = lim[0] if lim is not None else None

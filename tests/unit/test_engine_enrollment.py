@@ -413,6 +413,7 @@ def test_a_contact_enrolled_while_the_automation_is_paused_is_paused_until_it_is
     # the resume fan-out reaches the run; the definition no longer says paused
     s, ch, _ = run_seq([ev("automation.resumed", 4, cid=None)], automation=ONCE, state=s)
     assert status(s) == ("ready", None)
+    assert E.view(s, ONCE)[0]["status_at"] == T0 + 4 * MIN  # ready since the resume
     assert [(c["from"], c["to"]) for c in ch if c["kind"] == "contact_status"] == [("paused", "ready")]
     # a contact's own hold still shows when it is later than the pause, and after the resume
     s, _, _ = run_seq([enrolled(), ev("step.sent", 1, message_id="m0"),
@@ -426,6 +427,9 @@ def test_a_run_that_completed_its_steps_is_not_paused_by_the_definition():
     done = [enrolled()] + [ev("step.sent", 1 + k, step_index=k) for k in range(3)]
     s, _, _ = run_seq(done, automation=paused)
     assert status(s, paused) == ("finished", "completed")
+    s, _, _ = run_seq([ev("automation.resumed", 12, cid=None)], state=s)  # the resume reaches it
+    assert status(s) == ("finished", "completed")
+    assert E.view(s, ONCE)[0]["status_at"] == T0 + 3 * MIN  # completed with its last step, not resumed
     s, _, _ = run_seq(done[:2], automation=paused)
     assert status(s, paused) == ("paused", "automation_paused")
 
