@@ -15,6 +15,8 @@ from typing import IO, Any
 from sendtrail.settings import Settings
 
 PAGE = 1000  # the API's largest page
+#: The Mailings table leads with the subject line, as seed 003's sent-mail table does.
+SUBJECT_WIDTH = 32
 MAILING_COLUMNS = ("total_sent", "delivered", "opened", "clicked", "bounced", "dropped", "deferred",
                    "spam_reports", "unsubscribed")
 
@@ -88,9 +90,17 @@ def render_report(automations: list[dict], reports: dict[str, dict], mailings: l
         out.append("completion: " + ", ".join(f"{k} {v}" for k, v in comp.items()))
         out.append("statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
     out.append("\nMailings")
-    cols = ["mailing_id", *MAILING_COLUMNS]
-    out.append(_table([[m.get(c) for c in cols] for m in mailings], cols))
+    out.append(_table([[_short(m.get("subject")), m.get("mailing_id"), (m.get("date") or "")[:10],
+                        *(m.get(c) for c in MAILING_COLUMNS)] for m in mailings],
+                      ["subject", "mailing_id", "date", *MAILING_COLUMNS]))
     return "\n".join(out) + "\n"
+
+
+def _short(text: str | None, width: int = SUBJECT_WIDTH) -> str:
+    """A subject line cut to ``width`` characters (an ellipsis marks the cut)."""
+    if not text:
+        return ""
+    return text if len(text) <= width else text[:width - 1] + "\u2026"
 
 
 def oracle_differences(automations: list[dict], reports: dict[str, dict], mailings: list[dict],

@@ -21,7 +21,8 @@ REPORTS = {"a1": {
     "statuses": {"finished": 3, "in_progress": 3, "bounced": 2, "paused": 0}}}
 MAILING = {"total_sent": 5, "delivered": 4, "opened": 2, "clicked": 1, "bounced": 1, "dropped": 0, "deferred": 1,
            "spam_reports": 0, "unsubscribed": 0}
-MAILINGS = [{"mailing_id": "a1:0", "automation_id": "a1", "step_index": 0, **MAILING}]
+MAILINGS = [{"mailing_id": "a1:0", "automation_id": "a1", "step_index": 0, "date": "2026-11-12T05:27:00.152Z",
+             "subject": "Email 1: a quick question about your Q3 pipeline", **MAILING}]
 ORACLE = {
     "node_counts": {"a1": {"0": {"done": 5, "filtered": 0, "stopped": 2, "waiting": 1},
                            "1": {"done": 3, "filtered": 0, "stopped": 0, "waiting": 2}}},
@@ -99,7 +100,10 @@ def test_print_report_prints_the_tables_and_the_verdict(monkeypatch, oracle, ok,
     text = out.getvalue()
     assert "Automation Outreach (a1, once, active)" in text
     assert "statuses: bounced 2, finished 3, in_progress 3, paused 0" in text
-    assert "a1:0" in text.split("\nMailings\n")[1]
+    header, _, row = text.split("\nMailings\n")[1].splitlines()[:3]
+    assert header.split()[:4] == ["subject", "mailing_id", "date", "total_sent"]
+    assert row.startswith("Email 1: a quick question about\u2026 ")  # cut to 32 characters
+    assert row.split()[-11:-9] == ["a1:0", "2026-11-12"]
     if says is None:
         assert "oracle" not in text
     else:
