@@ -172,6 +172,10 @@ class MessagePlan:
             self.flags[name] = at
 
 
+#: Fact kinds of which the latest (by (at, event_id)) counts.
+LATEST_KINDS = ("hold", "resumed", "limit", "automation_paused", "automation_resumed")
+
+
 def derive_run(run: RunPlan, steps: list[int], now: int, cutoff: int | None = None) -> dict:
     """Status, reason, current step and node states of ``run`` (semantics.md).
 
@@ -180,7 +184,8 @@ def derive_run(run: RunPlan, steps: list[int], now: int, cutoff: int | None = No
     which timed holds have been resumed.
     """
     facts = run.facts if cutoff is None else [f for f in run.facts if f.at < cutoff]
-    terminal = hold = resumed = limit = apause = aresumed = None
+    terminal = None
+    latest: dict[str, Fact | None] = dict.fromkeys(LATEST_KINDS)  # kind -> its latest fact
     enriched = started = False
     done: dict[int, int] = {}
     for f in facts:
@@ -188,21 +193,10 @@ def derive_run(run: RunPlan, steps: list[int], now: int, cutoff: int | None = No
         if k == "terminal":
             if terminal is None or f.order < terminal.order:
                 terminal = f
-        elif k == "hold":
-            if hold is None or f.order > hold.order:
-                hold = f
-        elif k == "resumed":
-            if resumed is None or f.order > resumed.order:
-                resumed = f
-        elif k == "automation_paused":
-            if apause is None or f.order > apause.order:
-                apause = f
-        elif k == "automation_resumed":
-            if aresumed is None or f.order > aresumed.order:
-                aresumed = f
-        elif k == "limit":
-            if limit is None or f.order > limit.order:
-                limit = f
+        elif k in latest:
+            cur = latest[k]
+            if cur is None or f.order > cur.order:
+                latest[k] = f
         elif k == "enriched":
             enriched = True
         elif k == "started":
@@ -211,6 +205,8 @@ def derive_run(run: RunPlan, steps: list[int], now: int, cutoff: int | None = No
             i = f.data["step_index"]
             if i not in done or f.at < done[i]:
                 done[i] = f.at
+    hold, resumed, limit = latest["hold"], latest["resumed"], latest["limit"]
+    apause, aresumed = latest["automation_paused"], latest["automation_resumed"]
     active_hold = False
     if hold is not None:
         active_hold = resumed is None or hold.order > resumed.order
