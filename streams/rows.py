@@ -124,6 +124,7 @@ def enrollment_row(view: dict, updated_at: int) -> dict:
         "user_id": view.get("user_id") or "",
         "enrolled_at": view.get("enrolled_at"),
         "status_at": view.get("status_at") or updated_at,
+        "resume_at": view.get("resume_at"),
         "updated_at": updated_at,
         "ignored_enrollments": view.get("ignored_enrollments") or 0,
         "_version": view["version"],

@@ -66,6 +66,12 @@ def _apply_one(state: dict | None, event: dict, automation: dict | None, out: Ou
     return res.state, True
 
 
+#: Events after which every run of the key gets its enrollments row, changes or not: an enrollment
+#: (its contact fields), and the holds that carry a resume date (a new date under the same status
+#: and reason is no change, yet the row's resume_at moves).
+_EVERY_RUN_ROW = frozenset({"contact.enrolled", "contact.paused", "outcome.auto_replied"})
+
+
 def _emit(res, event: dict, automation: dict | None, out: Output, partition: int, offset: int) -> None:
     """Rows and messages for what the engine reports changed.
 
@@ -85,7 +91,7 @@ def _emit(res, event: dict, automation: dict | None, out: Output, partition: int
         out.add_rows("node_waits", [rows.wait_row(aid, cid, run, step, since, closed, version)
                                     for run, step, since, closed in res.waits])
     runs = {c["run"] for c in changes}
-    if event["type"] == "contact.enrolled" or res.registrations:
+    if event["type"] in _EVERY_RUN_ROW or res.registrations:
         runs.update(range(len(res.state.get("runs") or ())))
     if not runs and not res.registrations:
         return

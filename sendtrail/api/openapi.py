@@ -76,7 +76,7 @@ SCHEMAS: dict[str, Any] = {
     "AutomationContact": obj({
         "contact_id": _t(S), "run": _t(I), "name": _t(S), "email": _t(S),
         "status": {"type": S, "enum": list(CONTACT_STATUSES)}, "reason": SN, "current_step": _t(I),
-        "enrolled_at": TN, "status_at": T, "updated_at": T,
+        "enrolled_at": TN, "status_at": T, "resume_at": TN, "updated_at": T,
     }),
     "NodeContact": obj({
         "contact_id": _t(S), "run": _t(I), "name": SN, "email": SN, "status": SN, "reason": SN,

@@ -699,7 +699,8 @@ class Queries:
 
     # ------------------------------------------------------------ contacts of an automation
 
-    CONTACT_COLS = "contact_id, run, name, email, status, reason, current_step, enrolled_at, status_at, updated_at"
+    CONTACT_COLS = ("contact_id, run, name, email, status, reason, current_step, enrolled_at, status_at, resume_at, "
+                    "updated_at")
 
     def _contacts_where(self, automation_id: str, status: str | None, q: str | None, run: int | None) -> Where:
         w = Where().add("automation_id = {a:String}", a=automation_id)

@@ -1052,6 +1052,9 @@ def view(state: dict, automation: dict | None) -> list[dict]:
     for run in state["runs"]:
         status, reason, src = _status(run, steps, now)
         status_at = _status_at(run, src, now, steps)
+        # the date a held run resumes by itself (out of office with a return date, a pause with a
+        # resume date); the automation's pause has none: it lasts until the automation is resumed
+        resume_at = _held(run, now, steps)[4] if src == "h" else None
         done = run["done"]
         nodes = []
         for k in sorted(done, key=int):
@@ -1082,6 +1085,7 @@ def view(state: dict, automation: dict | None) -> list[dict]:
             "status": status,
             "reason": reason,
             "status_at": status_at,
+            "resume_at": resume_at,
             "current_step": current,
             "nodes": nodes,
             "enrolled_at": e.get("at"),

@@ -86,6 +86,7 @@ class Run:
     node_state: str | None          # state at current_step (or the filtered node)
     enrolled_at: dt.datetime
     extra_sends: dict[int, int] = field(default_factory=dict)  # step -> additional duplicate sends
+    resume_at: dt.datetime | None = None  # a held run's own resume date
 
     def sent_time(self, step: int, copy: int = 0) -> dt.datetime:
         return self.enrolled_at + step * 2 * DAY + HOUR + copy * dt.timedelta(minutes=5)
@@ -127,7 +128,8 @@ RUNS: list[Run] = [
     Run(A1, "c07", 0, "waiting_enrichment", None, 0, [], "waiting", _enrolled(7)),
     Run(A1, "c08", 0, "finished", "filtered", -1, [0], "filtered", _enrolled(8)),
     Run(A1, "c09", 0, "unsubscribed", "unsubscribed", 2, [0, 1], "stopped", _enrolled(9)),
-    Run(A1, "c10", 0, "paused", "manual", 1, [0], "waiting", _enrolled(10)),
+    Run(A1, "c10", 0, "paused", "manual", 1, [0], "waiting", _enrolled(10),
+        resume_at=dt.datetime(2024, 4, 1, 9, 0, tzinfo=dt.timezone.utc)),
     Run(A1, "c11", 0, "canceled", "removed", 0, [], "stopped", _enrolled(11)),
     Run(A1, "c12", 0, "in_progress", None, 1, [0], "waiting", _enrolled(12), extra_sends={0: 1}),
     # A2: sends only for step 0 (step 1 is a task)
@@ -290,7 +292,7 @@ def load_dataset(client, database: str) -> None:
     enrollment_rows = [
         dict(automation_id=r.automation_id, contact_id=r.contact_id, run=r.run, status=r.status, reason=r.reason,
              current_step=r.current_step, name=NAMES[r.contact_id], email=email(r.contact_id),
-             user_id=f"u{r.contact_id[1:]}", enrolled_at=r.enrolled_at, status_at=r.status_at, resume_at=None,
+             user_id=f"u{r.contact_id[1:]}", enrolled_at=r.enrolled_at, status_at=r.status_at, resume_at=r.resume_at,
              updated_at=r.status_at, ignored_enrollments=1 if r.contact_id == "c02" else 0, _version=v + 1)
         for r in RUNS
     ]

@@ -346,6 +346,10 @@ def test_automation_contacts(api):
     assert c04["status"] == "in_progress" and c04["current_step"] == 1  # the newer version wins
     c05 = next(c for c in body["items"] if c["contact_id"] == "c05")
     assert (c05["status"], c05["reason"]) == ("bounced", "hard_bounce")
+    # a paused contact says when it resumes by itself (seed 004: set a date to auto-resume)
+    c10 = next(c for c in body["items"] if c["contact_id"] == "c10")
+    assert (c10["status"], c10["resume_at"]) == ("paused", "2024-04-01T09:00:00.000Z")
+    assert c05["resume_at"] is None
     ip = api.get(f"{A1}/contacts", {"status": "in_progress"})
     assert ip["total"] == 4 and {(c["contact_id"], c["run"]) for c in ip["items"]} == {
         ("c01", 1), ("c03", 0), ("c04", 0), ("c12", 0)}

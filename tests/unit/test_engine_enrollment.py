@@ -376,6 +376,21 @@ def test_resuming_the_contact_does_not_end_the_automations_pause():
     assert [(c["from"], c["to"]) for c in ch if c["kind"] == "contact_status"] == [("paused", "in_progress")]
 
 
+def test_view_gives_the_date_a_held_run_resumes_by_itself():
+    back = T0 + 2 * DAY
+    s, _, _ = run_seq([enrolled(), ev("step.sent", 1, message_id="m0"),
+                       ev("outcome.auto_replied", 2, message_id="m0", return_at=back)])
+    assert E.view(s, ONCE)[0]["resume_at"] == back
+    s, _, _ = run_seq([ev("automation.paused", 3, cid=None)], state=s)
+    assert E.view(s, ONCE)[0]["resume_at"] is None  # paused until the automation is resumed
+    s, _, _ = run_seq([ev("automation.resumed", 4, cid=None)], state=s)
+    assert E.view(s, ONCE)[0]["resume_at"] == back
+    r = E.tick(s, ONCE, back)
+    assert status(r.state) == ("in_progress", None) and E.view(r.state, ONCE)[0]["resume_at"] is None
+    s, _, _ = run_seq([enrolled(), ev("contact.paused", 1, reason="manual")])
+    assert E.view(s, ONCE)[0]["resume_at"] is None  # until resumed by hand
+
+
 def test_out_of_office_return_date_passing_during_the_automations_pause():
     back = T0 + 2 * DAY
     s, _, _ = run_seq([enrolled(), ev("step.sent", 1, message_id="m0"),

@@ -262,6 +262,27 @@ def test_a_paused_automation_gives_the_engine_its_pause_time_until_it_is_resumed
     assert "paused_at" not in engine_automation(late)
 
 
+def test_the_enrollments_row_carries_the_date_a_paused_contact_resumes_by_itself():
+    """enrollments.resume_at: an out-of-office pause with a return date shows it; a later reply with
+    another date moves it although status and reason stay the same; it is gone once resumed."""
+    r = steps.contact_step(None, None, enrolled(), AUTOMATION, 0, 1)
+    first = parsed("contact.paused", event_id="ooo1", occurred_at="2026-01-02T00:00:00Z", reason="out_of_office",
+                   resume_at="2026-01-09T08:00:00Z")
+    r = steps.contact_step(r.state, r.parked, first, AUTOMATION, 0, 2)
+    (row,) = r.output.rows["enrollments"]
+    assert (row["status"], row["reason"], row["resume_at"]) == ("paused", "out_of_office", 1767945600000)
+    later = parsed("contact.paused", event_id="ooo2", occurred_at="2026-01-03T00:00:00Z", reason="out_of_office",
+                   resume_at="2026-01-12T08:00:00Z")
+    r = steps.contact_step(r.state, r.parked, later, AUTOMATION, 0, 3)
+    assert not [c for c in r.output.changes if c["kind"] == "contact_status"]  # no status change ...
+    (moved,) = r.output.rows["enrollments"]  # ... yet the row moves
+    assert moved["resume_at"] == 1768204800000 and moved["_version"] > row["_version"]
+    r = steps.contact_step(r.state, r.parked, parsed("contact.resumed", event_id="back",
+                                                     occurred_at="2026-01-04T00:00:00Z"), AUTOMATION, 0, 4)
+    (resumed,) = r.output.rows["enrollments"]
+    assert (resumed["status"], resumed["resume_at"]) == ("ready", None)
+
+
 def test_events_parked_earlier_go_before_a_new_one_once_the_definition_is_known():
     """A recovery can give a key the events parked while its automation was unknown together with the
     definition (the unpark that followed was lost with the crashed attempt). The next events of the key
