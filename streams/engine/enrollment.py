@@ -232,10 +232,11 @@ def _set_hold(run, at, eid, status, reason, resume_at) -> bool:
     return False
 
 
-def _set_resumed(run, at, eid) -> bool:
-    cur = run["resumed"]
+def _set_latest(run, name, at, eid) -> bool:
+    """Keep the later (at, event_id) as ``run[name]`` (contact.resumed, the automation's pause and resume)."""
+    cur = run.get(name)
     if cur is None or at > cur[0] or (at == cur[0] and eid > cur[1]):
-        run["resumed"] = [at, eid]
+        run[name] = [at, eid]
         return True
     return False
 
@@ -423,13 +424,15 @@ def _refresh(state, run, steps, now, eid, etype, at, out, waits) -> bool:
         status = t[2]
         reason = t[3]
     else:
-        h = run["hold"]
-        if h is not None:
-            r = run["resumed"] if h[3] != "automation_paused" else _released(run, h)
-            if not ((r is None or h[0] > r[0] or (h[0] == r[0] and h[1] > r[1])) and (h[4] is None or h[4] > now)):
-                h = None
         if "ap" in run or (steps is not None and steps[5] is not None):
             h = _held(run, now, steps)
+        else:  # no pause of the automation: the contact's own hold only (as _held)
+            h = run["hold"]
+            if h is not None:
+                r = run["resumed"] if h[3] != "automation_paused" else _released(run, h)
+                if not ((r is None or h[0] > r[0] or (h[0] == r[0] and h[1] > r[1])) and (
+                        h[4] is None or h[4] > now)):
+                    h = None
         if h is not None:
             status = h[2]
             reason = h[3]
@@ -626,7 +629,7 @@ def _h_paused(run, ev, regs):
 
 
 def _h_resumed(run, ev, regs):
-    return _REFRESH if _set_resumed(run, ev["occurred_at"], ev["event_id"]) else 0
+    return _REFRESH if _set_latest(run, "resumed", ev["occurred_at"], ev["event_id"]) else 0
 
 
 def _h_scheduled(run, ev, regs):
@@ -783,14 +786,6 @@ def _h_outcome(state, ev, automation, steps, now, regs, run):
 
 def _open_runs(state, steps, now):
     return [r for r in state["runs"] if _status(r, steps, now)[0] not in ENDED]
-
-
-def _set_latest(run, name, at, eid) -> bool:
-    cur = run.get(name)
-    if cur is None or at > cur[0] or (at == cur[0] and eid > cur[1]):
-        run[name] = [at, eid]
-        return True
-    return False
 
 
 def _h_automation_paused(state, ev, automation, steps, now, regs, run):
