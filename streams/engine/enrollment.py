@@ -998,14 +998,13 @@ def next_resume_at(state: dict) -> int | None:
 
 
 def _status_at(run, src, now, steps=None):
+    """Since when the run has its status, for every source but a hold (the held fact's own time)."""
     if src == "a":
         return _archive_terminal(run, steps)[0]
     t = run["terminal"]
     if src == "t":
         return t[0]
     h = run["hold"]
-    if src == "h":
-        return _held(run, now, steps)[0]
     res = run["resumed"]
     rel = res[0] if res is not None else None
     if h is not None and h[4] is not None and h[4] <= now and (res is None or later(h, res)):
@@ -1046,10 +1045,15 @@ def view(state: dict, automation: dict | None) -> list[dict]:
     ignored = len(state.get("ignored") or ())
     for run in state["runs"]:
         status, reason, src = _status(run, steps, now)
-        status_at = _status_at(run, src, now, steps)
-        # the date a held run resumes by itself (out of office with a return date, a pause with a
-        # resume date); the automation's pause has none: it lasts until the automation is resumed
-        resume_at = _held(run, now, steps)[4] if src == "h" else None
+        if src == "h":
+            # held since the hold's time; it resumes by itself at the hold's resume date (out of
+            # office with a return date, a pause with a resume date); the automation's pause has
+            # none: it lasts until the automation is resumed
+            held = _held(run, now, steps)
+            status_at, resume_at = held[0], held[4]
+        else:
+            status_at = _status_at(run, src, now, steps)
+            resume_at = None
         done = run["done"]
         nodes = []
         for k in sorted(done, key=int):

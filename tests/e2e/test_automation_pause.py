@@ -46,9 +46,7 @@ def worker(tmp_path, kafka_bootstrap, topic_prefix):
 def _statuses(worker: WorkerProcess) -> dict[str, tuple[str, str | None]]:
     code, body = worker.get(f"/api/v1/automations/{AID}/contacts?limit=100")
     assert code == 200, body
-    doc = orjson.loads(body)
-    items = doc["items"] if isinstance(doc, dict) else doc
-    return {c["contact_id"]: (c["status"], c["reason"]) for c in items}
+    return {c["contact_id"]: (c["status"], c["reason"]) for c in orjson.loads(body)["items"]}
 
 
 def _produce(worker: WorkerProcess, events) -> None:
